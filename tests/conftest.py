@@ -1,0 +1,174 @@
+"""Shared helpers for the workshop's tests.
+
+The tests follow the README as a learner would: they copy the repository's
+files into a temporary folder, run the README's commands there as subprocesses
+against real MLflow (a real SQLite file, real servers on free ports of
+127.0.0.1), and check what a learner would see. Commands and request bodies
+come from README.md itself, through `readme_snippet`, so the guide cannot drift
+away from what is tested.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text(encoding="utf-8")
+WORKSHOP_FILES = ["demo.py", "requirements.txt", "README.md"]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def readme_snippet(name):
+    """The code block that follows `<!-- snippet: NAME -->` in README.md."""
+    match = re.search(
+        rf"<!-- snippet: {re.escape(name)} -->\s*```[a-z]*\n(.*?)```", README, re.DOTALL
+    )
+    assert match, f"README.md has no code block marked <!-- snippet: {name} -->"
+    return match.group(1)
+
+
+def readme_commands(name):
+    """The commands of a shell snippet, one per entry, with `\\` continuations joined."""
+    text = readme_snippet(name).replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def learner_env(**overrides):
+    """The environment of a learner's terminal: the virtual environment active
+    (its bin/ first on PATH), telemetry off, no tracking URI of the caller's."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+def make_workshop(folder):
+    """A fresh copy of the files a learner gets with `git clone`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in WORKSHOP_FILES:
+        shutil.copy(REPO / name, folder / name)
+    return folder
+
+
+def run_demo(workshop, *flags, cwd=None, env=None, timeout=300):
+    """Run `python demo.py FLAGS` as a learner would (by default from another
+    folder, to prove the stores land beside demo.py all the same)."""
+    return subprocess.run(
+        [sys.executable, str(Path(workshop) / "demo.py"), *flags],
+        cwd=cwd or Path(workshop).parent,
+        env=env or learner_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def printed_ids(stdout):
+    """The run id and model id that demo.py printed."""
+    run_id = re.search(r"run id:\s+([0-9a-f]{32})", stdout).group(1)
+    model_id = re.search(r"model URI:\s+models:/(m-[0-9a-f]{32})", stdout).group(1)
+    return run_id, model_id
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    """(status, body text) of one HTTP request; 4xx and 5xx are answers, not errors."""
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def stop_process_group(process, grace=10):
+    """Stop a server and every process it started (uvicorn or gunicorn workers),
+    by its process group, which `start_server` made for it."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+    # Workers may outlive their parent for a moment; the group id is still theirs.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def start_server(command, cwd, ready_url, env=None, timeout=120, log_name="server.log"):
+    """Start a server command (a string, as typed in a terminal) in its own
+    process group, wait until `ready_url` answers, and always stop it."""
+    log_path = Path(cwd) / log_name
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command,
+            shell=True,
+            cwd=cwd,
+            env=env or learner_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{command!r} exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                status, _ = http("GET", ready_url, timeout=2)
+                if status < 500:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{command!r} did not answer {ready_url} in {timeout} s:\n{log_path.read_text()}")
+            time.sleep(0.25)
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def with_port(command, port):
+    """A README command with its `--port N` (or `-p N`) changed to a free port."""
+    changed, count = re.subn(r"(--port|-p)\s+\d+", rf"\g<1> {port}", command)
+    assert count == 1, f"expected one --port in {command!r}"
+    return changed
+
+
+@pytest.fixture(scope="session")
+def demo_workshop(tmp_path_factory):
+    """A workshop folder in which `python demo.py` (the README's command) has run once."""
+    workshop = make_workshop(tmp_path_factory.mktemp("learner") / "mlflow-workshop")
+    (command,) = readme_commands("run-demo")
+    assert command == "python demo.py"
+    result = run_demo(workshop)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id, model_id = printed_ids(result.stdout)
+    return {"path": workshop, "stdout": result.stdout, "stderr": result.stderr,
+            "run_id": run_id, "model_id": model_id}
