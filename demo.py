@@ -363,7 +363,20 @@ def main(argv=None):
     shared_server = os.environ.get("MLFLOW_TRACKING_URI")
     where = shared_server or f"{PROJECT_DIR / 'mlflow.db'} and {PROJECT_DIR / 'mlruns'}"
     print(f"Logging params, metrics, tags, datasets, plots, a report and the model to {where} ...")
-    use_experiment(shared_server)
+    if shared_server:
+        # MLflow retries a failed request for minutes by default, which looks
+        # like a hang to someone at a laptop; a few quick retries still ride
+        # out a busy server. Settings of your own win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    try:
+        use_experiment(shared_server)
+    except MlflowException as error:
+        if not shared_server:
+            raise
+        # The first request to the server: a server that is down or a wrong
+        # password shows up here, as one line rather than a traceback.
+        sys.exit(f"Could not log to the tracking server at {shared_server}: {error.message}")
     run, model_info = log_run(params, args.test_size, metrics, report, figures,
                               model, X_train, X_test, y_train, y_test, y_pred)
     print()
@@ -371,4 +384,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Ctrl-C: leaving the `with mlflow.start_run()` block has already marked
+        # the run FAILED, so say so briefly instead of printing a traceback.
+        print("\nInterrupted. A run that had started is marked FAILED in MLflow.", file=sys.stderr)
+        sys.exit(130)
