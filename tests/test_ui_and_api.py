@@ -1,0 +1,93 @@
+"""`mlflow ui` started as the README says, and the README's Python and REST snippets."""
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import (
+    free_port,
+    http,
+    learner_env,
+    readme_commands,
+    readme_snippet,
+    start_server,
+    with_port,
+)
+
+
+@pytest.fixture(scope="module")
+def ui(demo_workshop):
+    """The README's `mlflow ui` command, run in the workshop folder on a free port."""
+    (command,) = readme_commands("ui")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with start_server(with_port(command, port), demo_workshop["path"], f"{base}/health",
+                      log_name="ui.log"):
+        yield base
+
+
+def api(base, method, path, body=None):
+    status, text = http(method, base + path, json.dumps(body) if body else None,
+                        {"Content-Type": "application/json"})
+    assert status == 200, (path, status, text)
+    return json.loads(text)
+
+
+def test_ui_serves_the_page(ui):
+    status, page = http("GET", ui + "/")
+    assert status == 200 and "<html" in page.lower()
+
+
+def test_rest_api_shows_experiment_run_and_artifacts(ui, demo_workshop):
+    experiment = api(ui, "GET", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=demo-mlflow-artifacts")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    runs = api(ui, "POST", "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})["runs"]
+    run = next(r for r in runs if r["info"]["run_id"] == demo_workshop["run_id"])
+    assert run["info"]["run_name"] == "random_forest_breast_cancer"
+    assert run["info"]["status"] == "FINISHED"
+    assert {m["key"] for m in run["data"]["metrics"]} >= {"accuracy", "roc_auc"}
+
+    run_id = demo_workshop["run_id"]
+    top = api(ui, "GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")
+    assert {f["path"] for f in top["files"]} == {"plots", "classification_report.txt"}
+    plots = api(ui, "GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=plots")
+    assert {f["path"] for f in plots["files"]} == {
+        "plots/confusion_matrix.png", "plots/roc_curve.png", "plots/feature_importances.png"}
+
+
+def test_a_plot_downloads_as_png(ui, demo_workshop):
+    import urllib.request
+
+    url = f"{ui}/get-artifact?path=plots/roc_curve.png&run_uuid={demo_workshop['run_id']}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("image/png")
+        assert response.read().startswith(b"\x89PNG")
+
+
+def test_logged_model_is_visible_through_the_server(ui, demo_workshop):
+    model = api(ui, "GET", f"/api/2.0/mlflow/logged-models/{demo_workshop['model_id']}")["model"]
+    assert model["info"]["name"] == "model"
+    assert model["info"]["source_run_id"] == demo_workshop["run_id"]
+
+
+def test_readme_rest_snippet_finds_the_run(ui, demo_workshop):
+    (command,) = readme_commands("rest-api")
+    command = command.replace("http://127.0.0.1:5000", ui)
+    result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(result.stdout)["runs"]
+    assert demo_workshop["run_id"] in {r["info"]["run_id"] for r in runs}
+
+
+def test_readme_python_snippet_lists_the_run(demo_workshop):
+    result = subprocess.run(
+        [sys.executable, "-c", readme_snippet("python-api")],
+        cwd=demo_workshop["path"], env=learner_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert demo_workshop["run_id"] in result.stdout
+    assert "metrics.accuracy" in result.stdout
