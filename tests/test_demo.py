@@ -177,7 +177,7 @@ def test_prints_steps_metrics_and_next_commands(demo_workshop):
         " http://127.0.0.1:5001/invocations" in out
     )
     # The commands printed are the README's, filled in.
-    assert readme_commands("ui")[0] in out
+    assert readme_commands("ui")[-1] in out
     assert readme_commands("serve")[0].replace("<model_id>", model_id) in out
     # Nothing alarming for a learner: no traceback, no warning.
     assert "Traceback" not in out + err

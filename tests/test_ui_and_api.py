@@ -21,7 +21,7 @@ from conftest import (
 @pytest.fixture(scope="module")
 def ui(demo_workshop):
     """The README's `mlflow ui` command, run in the workshop folder on a free port."""
-    (command,) = readme_commands("ui")
+    command = readme_snippet("ui")  # a two-line shell script
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with start_server(with_port(command, port), demo_workshop["path"], f"{base}/health",

@@ -25,7 +25,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import (README, REPO, free_port, make_workshop, printed_ids, readme_commands,
+from conftest import (README, REPO, free_port, make_workshop, printed_ids, readme_commands, readme_snippet,
                       run_demo, start_server, with_port)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -101,7 +101,7 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
     run_artifacts = local_path(newest.info.artifact_uri)
 
     # The UI, started as the README says, on a free port instead of 5000.
-    (ui_command,) = readme_commands("ui")
+    ui_command = readme_snippet("ui")  # a two-line shell script
     port = free_port()
     readme_url = re.search(r"open <(http://127\.0\.0\.1:\d+)>", README).group(1)
     base_url = readme_url.rsplit(":", 1)[0] + f":{port}"
