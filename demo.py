@@ -37,6 +37,7 @@ importing it runs nothing.
 import argparse
 import getpass
 import os
+import sqlite3
 import sys
 import warnings
 from importlib.metadata import version
@@ -220,6 +221,17 @@ def evaluate(model, X_test, y_test, class_names):
 def use_experiment(shared_server):
     if not shared_server:
         mlflow.set_tracking_uri(LOCAL_TRACKING_URI)
+        # The first run in a folder builds the tables of mlflow.db. Runs that
+        # start at the same moment must not all build them at once, so they
+        # take turns through an exclusive SQLite lock on a small file (the
+        # system releases it even if a run is killed).
+        (PROJECT_DIR / "mlruns").mkdir(exist_ok=True)
+        turn = sqlite3.connect(PROJECT_DIR / "mlruns" / ".mlflow-db.lock", timeout=300, isolation_level=None)
+        try:
+            turn.execute("BEGIN EXCLUSIVE")
+            mlflow.search_experiments(max_results=1)  # builds the tables if missing
+        finally:
+            turn.close()
     # An experiment groups the runs of one modelling problem. When a whole room
     # starts the demo at the same moment, several processes may try to create
     # it at once: whoever loses that race uses the winner's.
@@ -229,8 +241,9 @@ def use_experiment(shared_server):
             mlflow.create_experiment(
                 EXPERIMENT_NAME, artifact_location=None if shared_server else LOCAL_ARTIFACT_URI
             )
-        except MlflowException:
-            pass
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     return mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
