@@ -21,11 +21,13 @@ Everything lands next to this file: metadata in ``mlflow.db`` (the *backend
 store*) and files in ``mlruns/`` (the *artifact store*). Set
 ``MLFLOW_TRACKING_URI`` to log to a shared tracking server instead.
 
-The same flags give the same metrics every time. At the end the script prints the commands that open this run in the
-MLflow UI, serve the model over HTTP, and ask it for predictions.
+The same flags give the same metrics every time. At the end the script prints
+the commands that open this run in the MLflow UI, serve the model over HTTP,
+and ask it for predictions.
 
-In VS Code, PyCharm or Jupyter you can also run it cell by cell (``# %%``);
-importing it runs nothing.
+Each ``# %%`` section is one step of the story. In VS Code, PyCharm or Jupyter
+you can run the sections one by one: each defines the function for its step,
+and the last one runs them all. Importing the file runs nothing.
 """
 
 # %%
@@ -120,11 +122,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-depth", type=whole_number(1, 50), default=6,
                         help="how many questions deep each tree may go, 1 to 50")
     parser.add_argument("--min-samples-leaf", type=whole_number(1, 100), default=1,
-                        help="fewest training rows a tree may end in, 1 to 100")
+                        help="fewest training rows allowed in each leaf (final answer) of a tree, 1 to 100")
     parser.add_argument("--test-size", type=share_of_rows, default=0.25,
                         help="share of the rows held out for testing, 0.1 to 0.9")
     parser.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=RANDOM_STATE,
-                        help="random seed for the split and the forest")
+                        help="random seed for the split and the forest (logged as random_state), 0 to 2**32-1")
     return parser.parse_args(argv)
 
 
@@ -162,8 +164,11 @@ def train(X_train, y_train, params):
 # Evaluate on the held-out test set
 # ---------------------------------
 # Scores on the training data would flatter the model: only the test set says
-# how it does on tumours it has not seen. ROC AUC is computed from the predicted
-# probability of "benign", not from the 0/1 label.
+# how it does on tumours it has not seen. Accuracy is the share of test tumours
+# labelled right. Precision, recall and f1 are about class 1, "benign": recall
+# 0.97 means 97% of the benign tumours were called benign. ROC AUC (0.5 is a
+# coin toss, 1.0 perfect) is computed from the predicted probability of
+# "benign", so it also rewards a model that is confident when it is right.
 
 
 def evaluate(model, X_test, y_test, class_names):
@@ -192,8 +197,9 @@ def evaluate(model, X_test, y_test, class_names):
     ax.legend(loc="lower right")
     roc_fig.tight_layout()
 
-    # Impurity-based importances come free with a forest, but they favour
-    # features with many distinct values: read them as a hint, not a verdict.
+    # How much each feature helped the trees split tumours into purer groups
+    # ("mean decrease in impurity"). These come free with a forest, but they
+    # favour features with many distinct values: read them as a hint, not a verdict.
     ranked = sorted(zip(model.feature_importances_, X_test.columns))[-15:]
     importance_fig, ax = plt.subplots(figsize=(7, 5.5))
     ax.barh([name for _, name in ranked], [value for value, _ in ranked])
@@ -218,20 +224,28 @@ def evaluate(model, X_test, y_test, class_names):
 # tracking server it names.
 
 
+def create_local_store():
+    """Build mlflow.db's tables, one process at a time.
+
+    Your own scripts will not need this: MLflow builds the tables on first use.
+    It only matters when several runs start in a new folder at the same second,
+    as in a workshop room or in this project's tests, and would otherwise all
+    build them at once. They take turns through an exclusive SQLite lock on a
+    small file, which the system releases even if a run is killed.
+    """
+    (PROJECT_DIR / "mlruns").mkdir(exist_ok=True)
+    turn = sqlite3.connect(PROJECT_DIR / "mlruns" / ".mlflow-db.lock", timeout=300, isolation_level=None)
+    try:
+        turn.execute("BEGIN EXCLUSIVE")
+        mlflow.search_experiments(max_results=1)  # builds the tables if missing
+    finally:
+        turn.close()
+
+
 def use_experiment(shared_server):
     if not shared_server:
         mlflow.set_tracking_uri(LOCAL_TRACKING_URI)
-        # The first run in a folder builds the tables of mlflow.db. Runs that
-        # start at the same moment must not all build them at once, so they
-        # take turns through an exclusive SQLite lock on a small file (the
-        # system releases it even if a run is killed).
-        (PROJECT_DIR / "mlruns").mkdir(exist_ok=True)
-        turn = sqlite3.connect(PROJECT_DIR / "mlruns" / ".mlflow-db.lock", timeout=300, isolation_level=None)
-        try:
-            turn.execute("BEGIN EXCLUSIVE")
-            mlflow.search_experiments(max_results=1)  # builds the tables if missing
-        finally:
-            turn.close()
+        create_local_store()
     # An experiment groups the runs of one modelling problem. When a whole room
     # starts the demo at the same moment, several processes may try to create
     # it at once: whoever loses that race uses the winner's.
@@ -252,8 +266,8 @@ def use_experiment(shared_server):
 # Log the run
 # -----------
 # A run is one execution of this script. Leaving the `with` block ends it:
-# FINISHED on success, FAILED if anything inside raises (Ctrl-C included), so
-# no run is left "RUNNING" forever.
+# FINISHED on success, FAILED if anything inside raises (Ctrl-C included).
+# Only a process killed outright (kill -9, a closed terminal) leaves it RUNNING.
 
 
 def log_run(params, test_size, metrics, report, figures, model, X_train, X_test, y_train, y_test, y_pred):
@@ -274,7 +288,8 @@ def log_run(params, test_size, metrics, report, figures, model, X_train, X_test,
         mlflow.set_tags({
             "model_type": "RandomForestClassifier",
             "dataset": "sklearn breast_cancer",
-            "owner": getpass.getuser(),
+            # On a shared server, the account you log in with; else your login.
+            "owner": os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser(),
         })
 
         # Datasets: MLflow stores a fingerprint (digest) and the schema of the
@@ -334,8 +349,10 @@ def print_next_steps(run, model_info, shared_server):
     print(f"  stores:    {PROJECT_DIR / 'mlflow.db'} (backend), {PROJECT_DIR / 'mlruns'} (artifacts)")
     print()
     print(f"Next, in a terminal in {PROJECT_DIR}:")
-    print("  1. Open the MLflow UI, then this run's page:")
+    print("  1. Start the MLflow UI (PowerShell: $env:MLFLOW_SERVER_ENABLE_JOB_EXECUTION = \"false\"):")
+    print("       export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false")
     print("       mlflow ui --port 5000 --workers 1")
+    print("     then open this run's page, and click 'Model training' at the top left:")
     print(f"       http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
     print("  2. Serve the model (in a second terminal):")
     print(f"       mlflow models serve -m {model_info.model_uri} --env-manager local --port 5001")

@@ -169,7 +169,6 @@ def test_prints_steps_metrics_and_next_commands(demo_workshop):
         assert f"{name:<10}{value:.4f}" in out
     run_id, model_id = demo_workshop["run_id"], demo_workshop["model_id"]
     assert f"runs:/{run_id}/model" in out
-    assert "mlflow ui --port 5000 --workers 1" in out
     assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}" in out
     assert f"mlflow models serve -m models:/{model_id} --env-manager local --port 5001" in out
     assert (
@@ -177,7 +176,8 @@ def test_prints_steps_metrics_and_next_commands(demo_workshop):
         " http://127.0.0.1:5001/invocations" in out
     )
     # The commands printed are the README's, filled in.
-    assert readme_commands("ui")[-1] in out
+    for line in readme_commands("ui"):
+        assert line in out
     assert readme_commands("serve")[0].replace("<model_id>", model_id) in out
     # Nothing alarming for a learner: no traceback, no warning.
     assert "Traceback" not in out + err
