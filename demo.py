@@ -37,6 +37,7 @@ and the last one runs them all. Importing the file runs nothing.
 # each run records exactly what produced it.
 
 import argparse
+import gc
 import getpass
 import os
 import sqlite3
@@ -308,6 +309,11 @@ def log_run(params, test_size, metrics, report, figures, model, X_train, X_test,
             mlflow.log_figure(figure, artifact_path)
             plt.close(figure)
         mlflow.log_text(report, "classification_report.txt")
+        # The plots are saved: let go of their pixels before the model is
+        # saved, the step that needs the most memory. (Figures refer to
+        # themselves in cycles, which only the garbage collector frees.)
+        figures.clear()
+        gc.collect()
 
         # The model. The signature records the input columns and the output
         # type, so a server can turn away a malformed request. The input
