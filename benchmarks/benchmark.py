@@ -58,19 +58,17 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+# The tests' helpers: README snippets, free ports, stopping a process group.
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import free_port, http, readme_snippet, stop_process_group, with_port  # noqa: E402
 DEMO = REPO / "demo.py"
 FLOOR = Path(__file__).resolve().parent / "floor.py"
 
@@ -106,36 +104,6 @@ def measure(command, cwd, env, log_path):
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024}
 
 
-def readme_snippet(name):
-    """The code block after `<!-- snippet: NAME -->` in README.md, as tests/conftest.py reads it."""
-    text = README.read_text(encoding="utf-8")
-    match = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```[a-z]*\n(.*?)```", text, re.DOTALL)
-    if not match:
-        sys.exit(f"README.md has no code block marked <!-- snippet: {name} -->")
-    return match.group(1).strip()
-
-
-def with_port(command, port):
-    changed, count = re.subn(r"(--port|-p)\s+\d+", rf"\g<1> {port}", command)
-    if count != 1:
-        sys.exit(f"expected one --port in {command!r}")
-    return changed
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def status_of(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def group_rss_mb(pgid):
     """Resident memory of every process in a process group, added up (MB)."""
     total = 0
@@ -150,24 +118,6 @@ def group_rss_mb(pgid):
         except (OSError, ValueError, IndexError):
             continue
     return total / 2**20
-
-
-def stop_group(process):
-    """Stop a server and all it started (workers, job runner) through its process group."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # workers may outlive their parent for a moment
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def time_to_answer(command, cwd, env, path, log_path, timeout=300):
@@ -185,7 +135,7 @@ def time_to_answer(command, cwd, env, path, log_path, timeout=300):
             if process.poll() is not None:
                 sys.exit(f"{command!r} exited with {process.returncode}:\n{Path(log_path).read_text()}")
             try:
-                if status_of(url) == 200:
+                if http("GET", url, timeout=2)[0] == 200:
                     return time.perf_counter() - start, group_rss_mb(process.pid)
             except OSError:
                 pass
@@ -193,7 +143,7 @@ def time_to_answer(command, cwd, env, path, log_path, timeout=300):
                 sys.exit(f"{command!r} did not answer {url} in {timeout} s:\n{Path(log_path).read_text()}")
             time.sleep(0.1)
     finally:
-        stop_group(process)
+        stop_process_group(process, grace=15)
 
 
 def median(values):
@@ -285,10 +235,10 @@ def main(argv=None):
             model_id = re.search(r"model URI:\s+models:/(m-[0-9a-f]{32})", first.stdout).group(1)
             # The README's way (job runner off, one worker) against MLflow's
             # defaults (job runner on, four workers) and against one worker alone.
-            ui_command = readme_snippet("ui")
+            ui_command = readme_snippet("ui").strip()
             plain_ui = ui_command.splitlines()[-1]
             default_ui = re.sub(r"\s+(--workers|-w)\s+\d+", "", plain_ui)
-            serve_command = readme_snippet("serve").replace("<model_id>", model_id)
+            serve_command = readme_snippet("serve").strip().replace("<model_id>", model_id)
             variants = [
                 ("README: " + " && ".join(ui_command.splitlines()), ui_command, env, "/"),
                 (f"{default_ui}   (defaults: job runner on, 4 workers)", default_ui, env, "/"),

@@ -28,6 +28,20 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 WORKSHOP_FILES = ["demo.py", "requirements.txt", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
+# What every run of demo.py logs as files: the run's artifacts and the logged
+# model's files (each list sorted, as MLflow lists them).
+PLOTS = ["plots/confusion_matrix.png", "plots/feature_importances.png", "plots/roc_curve.png"]
+REPORT = "classification_report.txt"
+MODEL_FILES = [
+    "MLmodel",
+    "conda.yaml",
+    "input_example.json",
+    "model.skops",
+    "python_env.yaml",
+    "requirements.txt",
+    "serving_input_example.json",
+]
+
 
 def readme_snippet(name):
     """The code block that follows `<!-- snippet: NAME -->` in README.md."""

@@ -29,6 +29,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import (
+    MODEL_FILES,
+    PLOTS,
+    REPORT,
     free_port,
     http,
     learner_env,
@@ -46,21 +49,6 @@ PARAMS = ["n_estimators", "max_depth", "min_samples_leaf", "random_state", "test
 METRICS = ["accuracy", "roc_auc", "precision", "recall", "f1"]
 TAGS = ["model_type", "dataset", "owner", "mlflow.note.content"]
 DATASETS = {"breast_cancer_training": "training", "breast_cancer_testing": "testing"}
-RUN_ARTIFACTS = [
-    "classification_report.txt",
-    "plots/confusion_matrix.png",
-    "plots/feature_importances.png",
-    "plots/roc_curve.png",
-]
-MODEL_FILES = [
-    "MLmodel",
-    "conda.yaml",
-    "input_example.json",
-    "model.skops",
-    "python_env.yaml",
-    "requirements.txt",
-    "serving_input_example.json",
-]
 README_DB_URL = re.compile(r"postgresql\+psycopg2://(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@127\.0\.0\.1:5432/(?P<db>\w+)")
 PARTICIPANTS = 12  # a workshop room's worth, all at once against one server
 LOCAL_PARTICIPANTS = 4  # at once against the local SQLite store
@@ -259,9 +247,9 @@ def check_run(client, run_id, model_id, flags):
               for d in run.inputs.dataset_inputs}
     assert inputs == DATASETS
     artifacts = sorted(f.path for f in client.list_artifacts(run_id))
-    assert artifacts == ["classification_report.txt", "plots"]
+    assert artifacts == [REPORT, "plots"]
     plots = sorted(f.path for f in client.list_artifacts(run_id, "plots"))
-    assert plots == [a for a in RUN_ARTIFACTS if a.startswith("plots/")]
+    assert plots == PLOTS
     assert all(f.file_size > 0 for f in client.list_artifacts(run_id, "plots"))
     model = client.get_logged_model(model_id)
     assert model.source_run_id == run_id and model.name == "model"

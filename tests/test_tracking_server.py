@@ -4,14 +4,10 @@ A plain `mlflow server` on SQLite, so this runs anywhere; tests/test_team_server
 covers the README's full team set-up (PostgreSQL, authentication, many participants).
 """
 
-import sys
-
 from mlflow import MlflowClient
 
-from conftest import free_port, learner_env, make_workshop, printed_ids, run_demo, start_server
-
-sys.path.insert(0, str(__import__("conftest").REPO))
-from test_demo import MODEL_FILES, PLOTS  # noqa: E402
+from conftest import (MODEL_FILES, PLOTS, free_port, learner_env, make_workshop, printed_ids,
+                      run_demo, start_server)
 
 
 def test_demo_logs_everything_to_the_server_and_nothing_locally(tmp_path):
