@@ -14,7 +14,10 @@ from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score
 
 from conftest import (
+    MODEL_FILES,
+    PLOTS,
     REPO,
+    REPORT,
     learner_env,
     make_workshop,
     printed_ids,
@@ -24,17 +27,6 @@ from conftest import (
 
 sys.path.insert(0, str(REPO))
 import demo  # noqa: E402  (importing it must run nothing: see test_import_runs_nothing)
-
-MODEL_FILES = [
-    "MLmodel",
-    "model.skops",
-    "conda.yaml",
-    "python_env.yaml",
-    "requirements.txt",
-    "input_example.json",
-    "serving_input_example.json",
-]
-PLOTS = ["plots/confusion_matrix.png", "plots/roc_curve.png", "plots/feature_importances.png"]
 
 
 def client_for(workshop):
@@ -123,7 +115,7 @@ def test_plots_and_report_are_artifacts(demo_workshop):
     run_id = demo_workshop["run_id"]
     listed = {item.path for item in client.list_artifacts(run_id)}
     listed |= {item.path for item in client.list_artifacts(run_id, "plots")}
-    assert set(PLOTS) | {"classification_report.txt"} <= listed
+    assert set(PLOTS) | {REPORT} <= listed
 
     for plot in PLOTS:
         png = Path(client.download_artifacts(run_id, plot)).read_bytes()
@@ -131,7 +123,7 @@ def test_plots_and_report_are_artifacts(demo_workshop):
         width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
         assert width >= 400 and height >= 300, (plot, width, height)
 
-    report = Path(client.download_artifacts(run_id, "classification_report.txt")).read_text()
+    report = Path(client.download_artifacts(run_id, REPORT)).read_text()
     assert "malignant" in report and "benign" in report and "precision" in report
 
 
@@ -200,16 +192,27 @@ def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop):
     assert first.data.metrics == session_run.data.metrics
 
 
-def test_different_flags_are_logged_and_change_the_model(tmp_path):
+def test_readme_more_runs_each_add_a_run_with_their_flags(tmp_path):
+    """Every line of the README's "more runs" block adds one run to the same
+    experiment, and each run's params are the flags that line gave."""
     workshop = make_workshop(tmp_path / "flags")
-    first_line = readme_commands("more-runs")[0]
-    flags = first_line.split()[2:]
-    assert flags == ["--n-estimators", "10", "--max-depth", "2"]
-    result = run_demo(workshop, *flags)
-    assert result.returncode == 0, result.stderr
-    (run,) = demo_runs(workshop)
-    assert run.data.params["n_estimators"] == "10"
-    assert run.data.params["max_depth"] == "2"
+    commands = readme_commands("more-runs")
+    assert commands[0] == "python demo.py --n-estimators 10 --max-depth 2"
+    for command in commands:
+        program, script, *flags = command.split()
+        assert (program, script) == ("python", "demo.py")
+        result = run_demo(workshop, *flags, cwd=workshop)
+        assert result.returncode == 0, result.stderr
+    runs = demo_runs(workshop)
+    assert len(runs) == len(commands) == 3
+    flag_to_param = {"--n-estimators": "n_estimators", "--max-depth": "max_depth",
+                     "--test-size": "test_size", "--seed": "random_state"}
+    for run, command in zip(runs, commands):
+        flags = command.split()[2:]
+        for flag, value in zip(flags[::2], flags[1::2]):
+            assert run.data.params[flag_to_param[flag]] == value, (command, run.data.params)
+    first, second, _ = runs
+    assert first.data.metrics != second.data.metrics
 
 
 # %% Bad input: a usage message, exit status 2, nothing logged
