@@ -8,6 +8,7 @@ come from README.md itself, through `readme_snippet`, so the guide cannot drift
 away from what is tested.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -89,6 +90,34 @@ def run_demo(workshop, *flags, cwd=None, env=None, timeout=300):
         text=True,
         timeout=timeout,
     )
+
+
+@functools.cache
+def demo_defaults():
+    """{flag: default} as `python demo.py --help` shows them, e.g. {"--seed": "42"}."""
+    result = subprocess.run([sys.executable, str(REPO / "demo.py"), "--help"],
+                            env=learner_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())  # argparse wraps long lines
+    defaults = dict(re.findall(r"(--[a-z-]+) [A-Z_]+ .*?\(default: ([^)]+)\)", help_text))
+    assert set(defaults) == {"--n-estimators", "--max-depth", "--min-samples-leaf", "--test-size", "--seed"}
+    return defaults
+
+
+def expected_params(flags=()):
+    """The params a run of `python demo.py FLAGS` logs with the default model:
+    every setting of the forest (get_params(), defaults included), then the split."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    values = {**demo_defaults(), **dict(zip(flags[::2], flags[1::2]))}
+    forest = RandomForestClassifier(
+        n_estimators=int(values["--n-estimators"]),
+        max_depth=int(values["--max-depth"]),
+        min_samples_leaf=int(values["--min-samples-leaf"]),
+        random_state=int(values["--seed"]),
+    )
+    params = {name: str(value) for name, value in forest.get_params().items()}
+    return {**params, "test_size": str(float(values["--test-size"])), "seed": values["--seed"]}
 
 
 def printed_ids(stdout):

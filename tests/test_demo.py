@@ -1,6 +1,8 @@
 """demo.py as a learner runs it: what it logs, what it prints, how it fails."""
 
 import hashlib
+import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -11,13 +13,15 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import accuracy_score
+from sklearn.model_selection import train_test_split
 
 from conftest import (
     MODEL_FILES,
     PLOTS,
-    REPO,
     REPORT,
+    expected_params,
     learner_env,
     make_workshop,
     printed_ids,
@@ -25,8 +29,7 @@ from conftest import (
     run_demo,
 )
 
-sys.path.insert(0, str(REPO))
-import demo  # noqa: E402  (importing it must run nothing: see test_import_runs_nothing)
+EXPERIMENT = "demo-mlflow-artifacts"
 
 
 def client_for(workshop):
@@ -35,7 +38,7 @@ def client_for(workshop):
 
 def demo_runs(workshop):
     client = client_for(workshop)
-    experiment = client.get_experiment_by_name(demo.EXPERIMENT_NAME)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return []
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
@@ -70,14 +73,11 @@ def test_run_has_params_metrics_tags_and_description(demo_workshop):
     assert run.info.run_name == "random_forest_breast_cancer"
     assert run.info.status == "FINISHED"
 
-    defaults = demo.parse_args([])
-    assert run.data.params == {
-        "n_estimators": str(defaults.n_estimators),
-        "max_depth": str(defaults.max_depth),
-        "min_samples_leaf": str(defaults.min_samples_leaf),
-        "random_state": str(defaults.seed),
-        "test_size": str(defaults.test_size),
-    }
+    # Every setting of the forest, defaults included, then the split.
+    assert run.data.params == expected_params()
+    assert run.data.params["n_estimators"] == "100" and run.data.params["max_depth"] == "6"
+    assert run.data.params["random_state"] == run.data.params["seed"] == "42"
+    assert run.data.params["test_size"] == "0.25"
     assert set(run.data.metrics) == {"accuracy", "roc_auc", "precision", "recall", "f1"}
     assert all(0.5 < value <= 1.0 for value in run.data.metrics.values())
 
@@ -85,7 +85,10 @@ def test_run_has_params_metrics_tags_and_description(demo_workshop):
     assert tags["model_type"] == "RandomForestClassifier"
     assert tags["dataset"] == "sklearn breast_cancer"
     assert tags["owner"]
-    assert "Random forest with 100 trees" in tags["mlflow.note.content"]
+    assert tags["mlflow.note.content"] == (
+        "RandomForestClassifier telling malignant from benign tumours in scikit-learn's breast "
+        "cancer data, trained on 426 tumours and scored on 143 held-out ones."
+    )
 
 
 def test_readme_quotes_the_default_metrics(demo_workshop):
@@ -148,17 +151,30 @@ def test_model_loads_from_runs_uri_and_predicts(demo_workshop):
         model = mlflow.sklearn.load_model(f"runs:/{run_id}/model")
     finally:
         mlflow.set_tracking_uri(None)
-    defaults = demo.parse_args([])
-    _, X_test, _, y_test, _ = demo.load_data(defaults.test_size, defaults.seed)
     (run,) = demo_runs(workshop)
+    X_test, y_test = logged_test_set(run)
     assert accuracy_score(y_test, model.predict(X_test)) == run.data.metrics["accuracy"]
+
+
+def logged_test_set(run):
+    """The test set a run was scored on, split again from its logged params,
+    and checked against the fingerprint of the testing dataset it logged."""
+    data = load_breast_cancer(as_frame=True)
+    _, X_test, _, y_test = train_test_split(
+        data.data, data.target, test_size=float(run.data.params["test_size"]), stratify=data.target,
+        random_state=int(run.data.params["seed"]),
+    )
+    (testing,) = [item.dataset for item in run.inputs.dataset_inputs if item.dataset.name == "breast_cancer_testing"]
+    assert mlflow.data.from_pandas(X_test.assign(target=y_test), targets="target").digest == testing.digest
+    return X_test, y_test
 
 
 def test_prints_steps_metrics_and_next_commands(demo_workshop):
     out, err = demo_workshop["stdout"], demo_workshop["stderr"]
     (run,) = demo_runs(demo_workshop["path"])
     for name, value in run.data.metrics.items():
-        assert f"{name:<10}{value:.4f}" in out
+        # One metric a line, its name and its value apart, however long the name.
+        assert re.search(rf"^  {name} +{value:.4f}$", out, re.MULTILINE), name
     run_id, model_id = demo_workshop["run_id"], demo_workshop["model_id"]
     assert f"runs:/{run_id}/model" in out
     assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}" in out
@@ -205,12 +221,14 @@ def test_readme_more_runs_each_add_a_run_with_their_flags(tmp_path):
         assert result.returncode == 0, result.stderr
     runs = demo_runs(workshop)
     assert len(runs) == len(commands) == 3
-    flag_to_param = {"--n-estimators": "n_estimators", "--max-depth": "max_depth",
-                     "--test-size": "test_size", "--seed": "random_state"}
+    flag_to_params = {"--n-estimators": ["n_estimators"], "--max-depth": ["max_depth"],
+                      "--test-size": ["test_size"], "--seed": ["seed", "random_state"]}
     for run, command in zip(runs, commands):
         flags = command.split()[2:]
         for flag, value in zip(flags[::2], flags[1::2]):
-            assert run.data.params[flag_to_param[flag]] == value, (command, run.data.params)
+            for param in flag_to_params[flag]:
+                assert run.data.params[param] == value, (command, param, run.data.params)
+        assert run.data.params == expected_params(flags), command
     first, second, _ = runs
     assert first.data.metrics != second.data.metrics
 
@@ -332,36 +350,147 @@ def running_run_exists(db_path):
     return ("RUNNING",) in rows
 
 
-# %% As a module and as a notebook
+# %% Flags answer at once
 
 
-def test_import_runs_nothing(tmp_path):
-    workshop = make_workshop(tmp_path / "imported")
-    result = subprocess.run(
-        [sys.executable, "-c", "import demo; print(demo.EXPERIMENT_NAME)"],
-        cwd=workshop, env=learner_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "demo-mlflow-artifacts\n"
-    assert not (workshop / "mlflow.db").exists()
-    assert not (workshop / "mlruns").exists()
+@pytest.mark.parametrize("flags", [["--help"], ["--max-depth", "0"]])
+def test_flags_are_read_before_the_heavy_imports(tmp_path, flags):
+    """`--help` and a typo answer before scikit-learn, pandas, matplotlib or
+    MLflow are imported: -X importtime lists every module the run imported."""
+    workshop = make_workshop(tmp_path / "help")
+    result = subprocess.run([sys.executable, "-X", "importtime", str(workshop / "demo.py"), *flags],
+                            cwd=tmp_path, env=learner_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == (0 if flags == ["--help"] else 2)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported
+    assert not {"numpy", "pandas", "sklearn", "matplotlib", "mlflow"} & imported
+    assert not (workshop / "mlflow.db").exists() and not (workshop / "mlruns").exists()
+
+
+# %% Cell by cell, as in Jupyter or VS Code
+
+# Each cell of demo.py in story order: its heading, what it shows when run, and
+# the variables it leaves for the learner to look at.
+CELLS = [
+    ("Settings", ["Settings: n_estimators=100, max_depth=6, min_samples_leaf=1, test_size=0.25, seed=42"],
+     ["args", "parser"]),
+    ("Load the data", ["426 tumours to train on, 143 held out to test"],
+     ["data", "class_names", "X_train", "X_test", "y_train", "y_test"]),
+    ("Choose and train the model", ["Trained a RandomForestClassifier on 426 tumours"], ["model", "model_type"]),
+    ("Evaluate on the held-out test set", ["RandomForestClassifier on the 143 test tumours:", "  accuracy ",
+                                           "   malignant "], ["y_pred", "metrics", "report"]),
+    ("Plot the results", ["Drew 3 plots."], ["confusion_fig", "roc_fig", "importance", "importance_fig", "figures"]),
+    ("Choose where to log", ["Logging to experiment 'demo-mlflow-artifacts' in "], ["experiment", "PROJECT_DIR"]),
+    ("Log the run", ["Run 'random_forest_breast_cancer' finished.", "  run id: "], ["run", "run_name", "model_info"]),
+    ("Next steps", ["mlflow ui --port 5000 --workers 1", "mlflow models serve -m models:/m-"], []),
+]
 
 
 def test_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path):
-    """Each `# %%` cell becomes a notebook cell, run in order in a real kernel."""
-    jupytext = pytest.importorskip("jupytext")
-    nbclient = pytest.importorskip("nbclient")
+    """Each `# %%` cell becomes a notebook cell, run in order in a real kernel.
+    After each one, a probe cell lists the kernel's variables: every cell shows
+    its own step's output and leaves its variables behind."""
+    import jupytext
+    import nbclient
+    import nbformat
+
     workshop = make_workshop(tmp_path / "notebook")
     notebook = jupytext.read(workshop / "demo.py", fmt="py:percent")
-    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert len(code_cells) >= 7
+    docstring, *cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert docstring.source.startswith('"""')
+    assert [cell.source.splitlines()[0] for cell in cells] == [f"# {heading}" for heading, _, _ in CELLS]
+
+    probe = "import json; print(json.dumps(sorted(name for name in globals() if not name.startswith('_'))))"
+    run_in_order = [docstring]
+    for cell in cells:
+        run_in_order += [cell, nbformat.v4.new_code_cell(probe)]
+    notebook.cells = run_in_order
     nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workshop)}}
     ).execute()
-    outputs = "".join(
-        output.get("text", "") for cell in code_cells for output in cell.get("outputs", [])
-    )
-    assert "Run 'random_forest_breast_cancer' finished." in outputs
+
+    def shown(cell, output_type="stream"):
+        return "".join(output.get("text", "") for output in cell.outputs
+                       if output["output_type"] == output_type and output.get("name") != "stderr")
+
+    for (heading, texts, variables), cell, probe_cell in zip(CELLS, notebook.cells[1::2], notebook.cells[2::2]):
+        output = shown(cell)
+        for text in texts:
+            assert text in output, (heading, text, output)
+        assert not [o for o in cell.outputs if o["output_type"] == "error"], heading
+        names = json.loads(shown(probe_cell))
+        assert set(variables) <= set(names), (heading, set(variables) - set(names))
+
+    # The plots show in the notebook, one picture each.
+    plot_cell = notebook.cells[1 + 2 * [heading for heading, _, _ in CELLS].index("Plot the results")]
+    pictures = [o for o in plot_cell.outputs if o["output_type"] == "display_data" and "image/png" in o["data"]]
+    assert len(pictures) == 3
+
+    outputs = "".join(shown(cell) for cell in notebook.cells)
     run_id, _ = printed_ids(outputs)
     (run,) = demo_runs(workshop)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.params == expected_params()
+    assert {item.path for item in MlflowClient(f"sqlite:///{workshop / 'mlflow.db'}").list_artifacts(run_id, "plots")} \
+        == set(PLOTS)
+
+
+# %% A fork: one expression changed, and the run still tells the truth about itself
+
+# The model expression a forker writes, the imports it needs, and the class that
+# should name the run.
+FORKS = [
+    ("make_pipeline(StandardScaler(), LogisticRegression())",
+     ["from sklearn.linear_model import LogisticRegression", "from sklearn.pipeline import make_pipeline",
+      "from sklearn.preprocessing import StandardScaler"], "LogisticRegression"),
+    ("GradientBoostingClassifier(random_state=args.seed)",
+     ["from sklearn.ensemble import GradientBoostingClassifier"], "GradientBoostingClassifier"),
+    ("HistGradientBoostingClassifier(random_state=args.seed)",
+     ["from sklearn.ensemble import HistGradientBoostingClassifier"], "HistGradientBoostingClassifier"),
+    ("SVC()", ["from sklearn.svm import SVC"], "SVC"),  # no predict_proba: ROC from decision_function
+    ("KNeighborsClassifier()", ["from sklearn.neighbors import KNeighborsClassifier"], "KNeighborsClassifier"),
+]
+MODEL_ASSIGNMENT = re.compile(r"^model = RandomForestClassifier\(\n(?:    .*\n)+\)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("expression, imports, model_type", FORKS, ids=[fork[2] for fork in FORKS])
+def test_a_fork_changes_one_expression(tmp_path, expression, imports, model_type):
+    workshop = make_workshop(tmp_path / f"fork-{model_type}")
+    source = (workshop / "demo.py").read_text()
+    (assignment,) = MODEL_ASSIGNMENT.findall(source)  # the one place the model is built
+    forked = source.replace(assignment, "\n".join([*imports, f"model = {expression}"]))
+    (workshop / "demo.py").write_text(forked)
+
+    result = run_demo(workshop)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id, _ = printed_ids(result.stdout)
+    (run,) = demo_runs(workshop)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+
+    # The model's own params, as scikit-learn lists them, then the split.
+    namespace = {"args": __import__("argparse").Namespace(seed=42)}
+    exec("\n".join(imports), namespace)
+    model = eval(expression, namespace)
+    assert run.data.params == {**{key: str(value) for key, value in model.get_params().items()},
+                               "test_size": "0.25", "seed": "42"}
+    assert run.data.tags["model_type"] == model_type
+    assert run.info.run_name.endswith("_breast_cancer")
+    assert model_type in run.data.tags["mlflow.note.content"]
+    told = [run.info.run_name, *run.data.tags.values(), result.stdout]
+    assert not [text for text in told if "forest" in text.lower()], told
+
+    client = client_for(workshop)
+    artifacts = {item.path for item in client.list_artifacts(run_id)}
+    artifacts |= {item.path for item in client.list_artifacts(run_id, "plots")}
+    assert set(PLOTS) | {REPORT} <= artifacts
+    for plot in PLOTS:
+        assert Path(client.download_artifacts(run_id, plot)).read_bytes().startswith(b"\x89PNG")
+
+    mlflow.set_tracking_uri(f"sqlite:///{workshop / 'mlflow.db'}")
+    try:
+        loaded = mlflow.sklearn.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(None)
+    X_test, y_test = logged_test_set(run)
+    assert accuracy_score(y_test, loaded.predict(X_test)) == run.data.metrics["accuracy"]
+    assert 0.5 < run.data.metrics["roc_auc"] <= 1.0

@@ -342,7 +342,7 @@ def test_admin_creates_an_account_with_curl(shared_server):
 def test_participant_logs_a_complete_run_to_the_server(shared_server, alice_run, monkeypatch):
     client = server_client(monkeypatch, shared_server, "alice", shared_server.passwords["alice"])
     check_run(client, alice_run["run_id"], alice_run["model_id"], [])
-    assert f"run page:  {shared_server.url}/#/experiments/" in alice_run["stdout"]
+    assert f"Next, open the run page: {shared_server.url}/#/experiments/" in alice_run["stdout"]
     # Nothing local: no store beside demo.py, none in the folder it ran from.
     for folder in (alice_run["workshop"], alice_run["workshop"].parent):
         assert not (folder / "mlflow.db").exists() and not (folder / "mlruns").exists()
