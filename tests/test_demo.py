@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import platform
 import re
 import signal
 import sqlite3
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import sklearn
 from mlflow import MlflowClient
 from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import accuracy_score
@@ -26,6 +28,7 @@ from conftest import (
     make_workshop,
     printed_ids,
     readme_commands,
+    readme_snippet,
     run_demo,
 )
 
@@ -229,8 +232,23 @@ def test_readme_more_runs_each_add_a_run_with_their_flags(tmp_path):
             for param in flag_to_params[flag]:
                 assert run.data.params[param] == value, (command, param, run.data.params)
         assert run.data.params == expected_params(flags), command
-    first, second, _ = runs
+    first, second, other_split = runs
     assert first.data.metrics != second.data.metrics
+
+    # The README's registry snippet, run after these runs, crowns the best of
+    # the runs tested on the default test set, never the run tested on others.
+    # Run again, it adds version 2 and moves @champion to it.
+    client = client_for(workshop)
+    name = re.search(r'models:/([\w-]+)@champion', readme_snippet("registry-serve")).group(1)
+    fair = max([first, second], key=lambda run: run.data.metrics["accuracy"])
+    assert other_split.data.params["test_size"] == "0.4"
+    for version in ("1", "2"):
+        result = subprocess.run([sys.executable, "-c", readme_snippet("registry-python")], cwd=workshop,
+                                env=learner_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.strip() == f"run {fair.info.run_id} is version {version} of {name}, @champion"
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert (str(champion.version), champion.run_id) == (version, fair.info.run_id)
 
 
 # %% Bad input: a usage message, exit status 2, nothing logged
@@ -494,3 +512,52 @@ def test_a_fork_changes_one_expression(tmp_path, expression, imports, model_type
     X_test, y_test = logged_test_set(run)
     assert accuracy_score(y_test, loaded.predict(X_test)) == run.data.metrics["accuracy"]
     assert 0.5 < run.data.metrics["roc_auc"] <= 1.0
+
+
+def test_readme_make_it_yours(tmp_path):
+    """The README's three changes to demo.py, made where it says, in a git
+    clone: the swapped model, a metric, a tag and a file, and what MLflow
+    records by itself."""
+    from conftest import README
+
+    workshop = make_workshop(tmp_path / "my-fork")
+    source = (workshop / "demo.py").read_text()
+    (assignment,) = MODEL_ASSIGNMENT.findall(source)
+    source = source.replace(assignment, readme_snippet("fork-model").strip())
+    # "just before `report = ...`", and "right after `mlflow.log_text(report, ...)`"
+    before, after = "report = classification_report(", '    mlflow.log_text(report, "classification_report.txt")\n'
+    assert "just before\n`report = ...`" in README and f"right after `{after.strip()}`" in README
+    assert source.count(before) == 1 and source.count(after) == 1
+    source = source.replace(before, readme_snippet("fork-metric") + "\n" + before)
+    source = source.replace(after, after + readme_snippet("fork-tag-and-file"))
+    (workshop / "demo.py").write_text(source)
+    git = ["git", "-C", str(workshop), "-c", "user.name=Learner", "-c", "user.email=learner@example.com"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "my fork"]):
+        subprocess.run([*git, *command], check=True, capture_output=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+    result = run_demo(workshop)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run,) = demo_runs(workshop)
+    assert run.info.status == "FINISHED" and run.info.run_name == "logistic_regression_breast_cancer"
+    tags = run.data.tags
+    assert tags["model_type"] == "LogisticRegression"
+    assert {"logisticregression__C", "standardscaler__with_mean", "test_size", "seed"} <= set(run.data.params)
+    balanced = run.data.metrics["balanced_accuracy"]
+    assert f"\n  balanced_accuracy {balanced:.4f}\n" in result.stdout
+    assert tags["purpose"] == "my first fork"
+    X_test, _ = logged_test_set(run)
+    summary = Path(client_for(workshop).download_artifacts(run.info.run_id, "test_set_summary.txt")).read_text()
+    assert summary == X_test.describe().to_string()
+
+    # What MLflow records by itself.
+    assert run.info.start_time < run.info.end_time
+    assert tags["mlflow.user"] and tags["mlflow.runName"] == run.info.run_name
+    assert Path(tags["mlflow.source.name"]) == workshop / "demo.py"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == head
+    _, model_id = printed_ids(result.stdout)
+    mlmodel = (workshop / "mlruns" / EXPERIMENT / "models" / model_id / "artifacts" / "MLmodel").read_text()
+    for line in (f"mlflow_version: {mlflow.__version__}", f"sklearn_version: {sklearn.__version__}",
+                 f"python_version: {platform.python_version()}"):
+        assert line in mlmodel, line

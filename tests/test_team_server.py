@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 
 from conftest import (
     MODEL_FILES,
+    expected_params,
     PLOTS,
     REPORT,
     free_port,
@@ -45,7 +46,6 @@ from conftest import (
 )
 
 EXPERIMENT = "demo-mlflow-artifacts"
-PARAMS = ["n_estimators", "max_depth", "min_samples_leaf", "random_state", "test_size"]
 METRICS = ["accuracy", "roc_auc", "precision", "recall", "f1"]
 TAGS = ["model_type", "dataset", "owner", "mlflow.note.content"]
 DATASETS = {"breast_cancer_training": "training", "breast_cancer_testing": "testing"}
@@ -232,17 +232,17 @@ def check_run(client, run_id, model_id, flags):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "random_forest_breast_cancer"
-    assert sorted(run.data.params) == sorted(PARAMS)
-    expected = {"n_estimators": "100", "max_depth": "6", "min_samples_leaf": "1", "random_state": "42",
-                "test_size": "0.25"}
+    # The forest's settings with these flags, defaults included, then the split.
+    expected = expected_params(flags)
     for flag, value in zip(flags[::2], flags[1::2]):
-        expected[{"--seed": "random_state"}.get(flag, flag[2:].replace("-", "_"))] = value
+        assert expected[{"--seed": "seed"}.get(flag, flag[2:].replace("-", "_"))] == value
     assert run.data.params == expected, (run_id, flags)
     assert sorted(run.data.metrics) == sorted(METRICS)
     assert all(0 < value <= 1 for value in run.data.metrics.values()), run.data.metrics
     for tag in TAGS:
         assert run.data.tags.get(tag), (run_id, tag)
-    assert f"{expected['n_estimators']} trees" in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["model_type"] == "RandomForestClassifier"
+    assert run.data.tags["mlflow.note.content"].startswith("RandomForestClassifier telling malignant from benign")
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags}.get("mlflow.data.context")
               for d in run.inputs.dataset_inputs}
     assert inputs == DATASETS
@@ -264,8 +264,10 @@ def experiment_runs(client):
 
 
 def participant_flags(index):
-    """Different flags for each participant, so a mix-up between runs shows."""
-    return ["--n-estimators", str(5 + index), "--max-depth", str(2 + index % 7), "--seed", str(100 + index)]
+    """Different flags for each participant, so a mix-up between runs shows;
+    every other one keeps the default test set (`--seed` unset)."""
+    seed = ["--seed", str(100 + index)] if index % 2 else []
+    return ["--n-estimators", str(5 + index), "--max-depth", str(2 + index % 7), *seed]
 
 
 # %% The README's commands
@@ -483,8 +485,12 @@ def test_participants_at_once_on_a_new_local_store(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     name = re.search(r'models:/([\w-]+)@champion', readme_snippet("registry-serve")).group(1)
     champion = client.get_model_version_by_alias(name, "champion")
-    best = max(finished, key=lambda run: run.data.metrics["accuracy"])
+    # Only the runs tested on the default test set compete.
+    default_split = [run for run in finished if (run.data.params["seed"], run.data.params["test_size"]) == ("42", "0.25")]
+    assert len(default_split) == sum("--seed" not in flag_list for flag_list in flags) == LOCAL_PARTICIPANTS // 2
+    best = max(default_split, key=lambda run: run.data.metrics["accuracy"])
     assert client.get_run(champion.run_id).data.metrics["accuracy"] == best.data.metrics["accuracy"]
+    assert client.get_run(champion.run_id).data.params["seed"] == "42"
 
 
 # %% Faults

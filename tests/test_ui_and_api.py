@@ -1,11 +1,16 @@
 """`mlflow ui` started as the README says, and the README's Python and REST snippets."""
 
 import json
+import os
 import shlex
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 
 import pytest
+from mlflow import MlflowClient
 
 from conftest import (
     free_port,
@@ -91,3 +96,28 @@ def test_readme_python_snippet_lists_the_run(demo_workshop):
     assert result.returncode == 0, result.stderr
     assert demo_workshop["run_id"] in result.stdout
     assert "metrics.accuracy" in result.stdout
+
+
+@pytest.mark.parametrize("variant", ["readme", "plain"])
+def test_ctrl_c_stops_the_ui_and_the_runs_are_safe(demo_workshop, tmp_path, variant):
+    """Ctrl+C in the UI's terminal (SIGINT to its process group): the README's
+    command and plain `mlflow ui` (job runner on) both stop within a minute,
+    whatever they print, and the runs are intact."""
+    workshop = tmp_path / "workshop"
+    shutil.copytree(demo_workshop["path"], workshop, ignore=shutil.ignore_patterns("*.log"))
+    command = readme_snippet("ui")
+    if variant == "plain":
+        command = "mlflow ui --port 5000"
+    port = free_port()
+    with start_server(with_port(command, port), workshop, f"http://127.0.0.1:{port}/health",
+                      log_name="ui.log") as process:
+        assert http("GET", f"http://127.0.0.1:{port}/")[0] == 200
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    # Uvicorn may print a traceback as it stops (the README says so), but it stops in order.
+    assert "Finished server process" in (workshop / "ui.log").read_text()
+    with sqlite3.connect(workshop / "mlflow.db") as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workshop / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo-mlflow-artifacts").experiment_id])
+    assert (run.info.run_id, run.info.status) == (demo_workshop["run_id"], "FINISHED")

@@ -164,6 +164,10 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
             for key, value in newest.data.params.items():
                 expect(main.get_by_role("row", name=f"{key} {value}", exact=True)).to_be_visible()
             expect(main.get_by_role("heading", name="Logged models (1)")).to_be_visible()
+            # The counts the README gives: 5 metrics, and every setting of the forest plus the split.
+            for label, count in (("Metrics", len(newest.data.metrics)), ("Parameters", len(newest.data.params))):
+                assert f"**{label} ({count})**" in README, (label, count)
+                expect(main.get_by_role("heading", name=f"{label} ({count})")).to_be_visible()
             expect(main.get_by_role("heading", name="About this run")).to_be_visible()
             expect(main).to_contain_text(re.compile(rf"Run ID\s*{newest_id}"))
             for key in ("model_type", "dataset", "owner"):
