@@ -262,8 +262,6 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
             shown_values = main.get_by_role("grid").last.inner_text().split()
             assert shown_values == [f"{round(run.data.metrics[key], 3):g}"
                                     for key in metric_names for run in (newest, older)]
-            main.get_by_role("button", name="Parameters", exact=True).evaluate("el => el.scrollIntoView()")
-            save_screenshot(page, "05-compare-runs.png")
             # "Show diff only" keeps the params that differ between the runs.
             main.get_by_role("switch", name="Parameters - Show diff only").click()
             for key, row in param_rows.items():
@@ -271,6 +269,8 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
                     expect(row).to_be_hidden()
                 else:
                     expect(row).to_be_visible()
+            main.get_by_role("button", name="Parameters", exact=True).evaluate("el => el.scrollIntoView()")
+            save_screenshot(page, "05-compare-runs.png")
         finally:
             context.close()
 
