@@ -170,6 +170,10 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
                 expect(main.get_by_role("heading", name=f"{label} ({count})")).to_be_visible()
             expect(main.get_by_role("heading", name="About this run")).to_be_visible()
             expect(main).to_contain_text(re.compile(rf"Run ID\s*{newest_id}"))
+            for label, value in (("Created by", newest.data.tags["mlflow.user"]), ("Status", "Finished"),
+                                 ("Source", Path(newest.data.tags["mlflow.source.name"]).name)):
+                expect(main).to_contain_text(re.compile(rf"{label}\s*{re.escape(value)}"))
+            expect(main).to_contain_text(re.compile(r"Duration\s*[0-9.]+\s*(ms|s|min)"))
             for key in ("model_type", "dataset", "owner"):
                 expect(main.get_by_role("status", name=key, exact=True)).to_contain_text(
                     newest.data.tags[key])
