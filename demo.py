@@ -67,7 +67,7 @@ parser.add_argument("--test-size", type=number_from(0.1, 0.9, float), default=0.
 parser.add_argument("--seed", type=number_from(0, 2**32 - 1), default=42, help="random seed of the split and the model")
 # In a notebook the command line belongs to Jupyter: the defaults are used.
 args = parser.parse_args([] if IN_NOTEBOOK else None)
-print("Settings:", ", ".join(f"{name}={value}" for name, value in vars(args).items()))
+print("Flags:", ", ".join(f"{name}={value}" for name, value in vars(args).items()))
 
 
 def interrupted(signal_number, frame):
@@ -122,7 +122,7 @@ model.fit(X_train, y_train)
 
 # The model's class names it in the run (in a pipeline, the last step's class).
 model_type = type(model[-1] if isinstance(model, Pipeline) else model).__name__
-print(f"Trained a {model_type} on {len(X_train)} tumours")
+print(f"Trained on {len(X_train)} tumours: {model}")  # shows the settings that differ from the defaults
 
 # %%
 # Evaluate on the held-out test set
@@ -177,13 +177,13 @@ ax.set_title("ROC curve (test set), positive class 1: benign")
 roc_fig.tight_layout()
 
 # Permutation importance shuffles one measurement at a time in the test set and
-# sees how much ROC AUC drops (accuracy on 143 tumours moves in steps too coarse
-# to show it). It works for any model, on unseen data. (A forest also has
-# `feature_importances_`, learned from the training data, which favour
-# measurements with many distinct values.) Radius, perimeter and area go
-# together, so shuffling only one of them costs little: read small bars as
-# "replaceable", not "useless". Three shuffles per measurement find the same
-# top three as thirty; fewer often do not.
+# sees how much ROC AUC drops (accuracy, on a test set this small, moves in
+# steps too coarse to show it). It works for any model, on unseen data. (A
+# forest also has `feature_importances_`, learned from the training data, which
+# favour measurements with many distinct values.) Measurements that go together,
+# such as radius, perimeter and area, stand in for each other, so each bar
+# understates what the group is worth: read a small bar as "replaceable", not
+# "useless". Three shuffles each find the same top three as thirty; fewer may not.
 importance = permutation_importance(model, X_test, y_test, scoring="roc_auc", n_repeats=3, random_state=args.seed)
 ranked = importance.importances_mean.argsort()[::-1]  # the measurements, most important first
 top = ranked[:15][::-1]  # the top 15, drawn bottom up
@@ -194,7 +194,7 @@ ax.set_xlabel("Drop in ROC AUC when the measurement is shuffled")
 importance_fig.tight_layout()
 
 figures = {"plots/confusion_matrix.png": confusion_fig, "plots/roc_curve.png": roc_fig,
-           "plots/feature_importances.png": importance_fig}
+           "plots/permutation_importance.png": importance_fig}
 print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.columns[ranked[:3]])}")
 
 # %%
@@ -207,6 +207,8 @@ print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.c
 
 import sqlite3
 from contextlib import closing
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -243,6 +245,10 @@ try:
     experiment = mlflow.set_experiment(EXPERIMENT_NAME)
 except MlflowException as error:  # a server that is down, or a wrong password: one line
     sys.exit(f"Could not log to {mlflow.get_tracking_uri()}: {error.message}")
+files_at = Path(url2pathname(urlparse(experiment.artifact_location).path))
+if not server_uri and files_at != PROJECT_DIR / "mlruns" / EXPERIMENT_NAME:  # a copied or moved folder
+    sys.exit(f"{PROJECT_DIR / 'mlflow.db'} keeps its files in {files_at}, another folder. "
+             "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
 where = server_uri or f"{PROJECT_DIR / 'mlflow.db'} (backend store) and {PROJECT_DIR / 'mlruns'} (artifact store)"
 print(f"Logging to experiment '{EXPERIMENT_NAME}' in {where}")
 
@@ -320,9 +326,6 @@ print(f"  model URI: {model_info.model_uri}   (or runs:/{run_id}/model)")
 # ----------
 # Everything logged is also in the UI, and readable from Python and the REST
 # API. The commands are filled in for this run.
-
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 if server_uri:
     print(f"\nNext, open the run page: {server_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")

@@ -31,7 +31,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 # What every run of demo.py logs as files: the run's artifacts and the logged
 # model's files (each list sorted, as MLflow lists them).
-PLOTS = ["plots/confusion_matrix.png", "plots/feature_importances.png", "plots/roc_curve.png"]
+PLOTS = ["plots/confusion_matrix.png", "plots/permutation_importance.png", "plots/roc_curve.png"]
 REPORT = "classification_report.txt"
 MODEL_FILES = [
     "MLmodel",

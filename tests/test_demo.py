@@ -4,6 +4,7 @@ import hashlib
 import json
 import platform
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -286,6 +287,27 @@ def test_bad_flag_in_a_fresh_folder_creates_no_store(tmp_path):
     assert not (workshop / "mlruns").exists()
 
 
+def test_a_copied_folder_stops_before_logging_and_writes_nothing_elsewhere(tmp_path, demo_workshop):
+    """A workshop folder copied after a run: its mlflow.db still sends files to
+    the original folder. demo.py says so in one line, before logging anything."""
+    original = demo_workshop["path"]
+    copy = tmp_path / "my-copy"
+    shutil.copytree(original, copy)
+    before_original, before_copy = store_fingerprint(original), store_fingerprint(copy)
+    result = run_demo(copy)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{copy / 'mlflow.db'} keeps its files in {original / 'mlruns' / EXPERIMENT}, another folder. "
+        "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
+    assert store_fingerprint(original) == before_original
+    assert store_fingerprint(copy) == before_copy
+    # As the line says: without the copied stores, the copy runs on its own.
+    shutil.rmtree(copy / "mlruns")
+    (copy / "mlflow.db").unlink()
+    assert run_demo(copy).returncode == 0
+    assert store_fingerprint(original) == before_original
+
+
 def test_readme_shows_the_real_usage_error(demo_workshop):
     from conftest import README
 
@@ -391,11 +413,12 @@ def test_flags_are_read_before_the_heavy_imports(tmp_path, flags):
 # Each cell of demo.py in story order: its heading, what it shows when run, and
 # the variables it leaves for the learner to look at.
 CELLS = [
-    ("Settings", ["Settings: n_estimators=100, max_depth=6, min_samples_leaf=1, test_size=0.25, seed=42"],
+    ("Settings", ["Flags: n_estimators=100, max_depth=6, min_samples_leaf=1, test_size=0.25, seed=42"],
      ["args", "parser"]),
     ("Load the data", ["426 tumours to train on, 143 held out to test"],
      ["data", "class_names", "X_train", "X_test", "y_train", "y_test"]),
-    ("Choose and train the model", ["Trained a RandomForestClassifier on 426 tumours"], ["model", "model_type"]),
+    ("Choose and train the model", ["Trained on 426 tumours: RandomForestClassifier(max_depth=6, random_state=42)"],
+     ["model", "model_type"]),
     ("Evaluate on the held-out test set", ["RandomForestClassifier on the 143 test tumours:", "  accuracy ",
                                            "   malignant "], ["y_pred", "metrics", "report"]),
     ("Plot the results", ["Drew 3 plots."], ["confusion_fig", "roc_fig", "importance", "importance_fig", "figures"]),

@@ -60,7 +60,7 @@ def test_rest_api_shows_experiment_run_and_artifacts(ui, demo_workshop):
     assert {f["path"] for f in top["files"]} == {"plots", "classification_report.txt"}
     plots = api(ui, "GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=plots")
     assert {f["path"] for f in plots["files"]} == {
-        "plots/confusion_matrix.png", "plots/roc_curve.png", "plots/feature_importances.png"}
+        "plots/confusion_matrix.png", "plots/roc_curve.png", "plots/permutation_importance.png"}
 
 
 def test_a_plot_downloads_as_png(ui, demo_workshop):

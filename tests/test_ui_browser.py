@@ -201,7 +201,7 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
             for line in filter(str.strip, report.splitlines()):
                 expect(main).to_contain_text(" ".join(line.split()))
             main.get_by_text("plots", exact=True).click()
-            for plot in ("confusion_matrix.png", "feature_importances.png", "roc_curve.png"):
+            for plot in ("confusion_matrix.png", "permutation_importance.png", "roc_curve.png"):
                 main.get_by_text(plot, exact=True).click()
                 image = main.get_by_role("img", name=f"plots/{plot}", exact=True)
                 expect(image).to_be_visible()
