@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
-WORKSHOP_FILES = ["demo.py", "requirements.txt", "README.md"]
+WORKSHOP_FILES = ["demo.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
 # What every run of demo.py logs as files: the run's artifacts and the logged

@@ -6,7 +6,7 @@ covers the README's full team set-up (PostgreSQL, authentication, many participa
 
 from mlflow import MlflowClient
 
-from conftest import (MODEL_FILES, PLOTS, free_port, learner_env, make_workshop, printed_ids,
+from conftest import (MODEL_FILES, PLOTS, WORKSHOP_FILES, free_port, learner_env, make_workshop, printed_ids,
                       run_demo, start_server)
 
 
@@ -42,4 +42,4 @@ def test_demo_logs_everything_to_the_server_and_nothing_locally(tmp_path):
     assert (server_dir / "server.db").is_file()
     assert any((server_dir / "artifacts").rglob("model.skops"))
     # ... and the participant's folder holds only what `git clone` gave it.
-    assert sorted(path.name for path in workshop.iterdir()) == ["README.md", "demo.py", "requirements.txt"]
+    assert sorted(path.name for path in workshop.iterdir()) == sorted(WORKSHOP_FILES)
