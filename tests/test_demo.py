@@ -544,7 +544,16 @@ def test_readme_make_it_yours(tmp_path):
     records by itself."""
     from conftest import README
 
-    workshop = make_workshop(tmp_path / "my-fork")
+    # The learner's clone, and the README's way to fork it beside the original.
+    original = make_workshop(tmp_path / "mlflow-workshop")
+    git = ["git", "-c", "user.name=Learner", "-c", "user.email=learner@example.com"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "the workshop"]):
+        subprocess.run([*git, *command], cwd=original, check=True, capture_output=True)
+    clone, cd = readme_commands("fork-clone")
+    assert cd == "cd ../my-fork"
+    subprocess.run(clone, shell=True, cwd=original, check=True, capture_output=True)
+    workshop = tmp_path / "my-fork"
+
     source = (workshop / "demo.py").read_text()
     (assignment,) = MODEL_ASSIGNMENT.findall(source)
     source = source.replace(assignment, readme_snippet("fork-model").strip())
@@ -555,10 +564,9 @@ def test_readme_make_it_yours(tmp_path):
     source = source.replace(before, readme_snippet("fork-metric") + "\n" + before)
     source = source.replace(after, after + readme_snippet("fork-tag-and-file"))
     (workshop / "demo.py").write_text(source)
-    git = ["git", "-C", str(workshop), "-c", "user.name=Learner", "-c", "user.email=learner@example.com"]
-    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "my fork"]):
-        subprocess.run([*git, *command], check=True, capture_output=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([*git, "commit", "-q", "-am", "my fork"], cwd=workshop, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workshop, check=True, capture_output=True,
+                          text=True).stdout.strip()
 
     result = run_demo(workshop)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -567,6 +575,7 @@ def test_readme_make_it_yours(tmp_path):
     tags = run.data.tags
     assert tags["model_type"] == "LogisticRegression"
     assert {"logisticregression__C", "standardscaler__with_mean", "test_size", "seed"} <= set(run.data.params)
+    assert f"`seed`: {len(run.data.params)} in all" in " ".join(README.split())
     balanced = run.data.metrics["balanced_accuracy"]
     assert f"\n  balanced_accuracy {balanced:.4f}\n" in result.stdout
     assert tags["purpose"] == "my first fork"
