@@ -1,7 +1,7 @@
-"""The set-up: the lock that pins every package, and `check_setup.py`, the
-check a participant runs before the day, each of its checks made to fail for
-real (a port held, an old file store, a small or read-only disk, a wrong pin,
-no virtual environment, an old Python).
+"""The set-up: the lock that pins every package; `check_setup.py`, the check a
+participant runs before the day, each of its checks made to fail for real (a
+port held, an old file store, a small or read-only disk, a wrong pin, no
+virtual environment, an old Python); and the room kit's offline set-up.
 
 The README's set-up commands themselves run in `.ci/run`, in new folders on
 several Pythons, each followed by `python check_setup.py`.
@@ -9,6 +9,7 @@ several Pythons, each followed by `python check_setup.py`.
 
 import glob
 import os
+import platform
 import re
 import shutil
 import socket
@@ -22,7 +23,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import REPO, learner_env, readme_commands, readme_snippet
+from conftest import REPO, learner_env, make_workshop, readme_commands, readme_snippet
 
 LOCK = REPO / "requirements-lock.txt"
 
@@ -205,3 +206,38 @@ def test_a_small_disk_and_a_read_only_folder(tmp_path):
         assert code == 1
         assert lines["folder"] == ("FAIL", f"cannot write in {folder} (Read-only file system): "
                                            "clone the repository into a folder of your own")
+
+
+def test_room_kit_sets_up_a_laptop_with_no_network(tmp_path):
+    """The room kit's download command, for this machine's Python and platform
+    only, then its offline set-up, the check and `python demo.py`, all inside a
+    network namespace that has no network at all (`unshare -n`, root only)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        message = "the offline set-up runs in a network namespace: needs root and unshare"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    (download,) = readme_commands("wheelhouse-download")
+    assert download == "python tools/wheelhouse.py"
+    stick = make_workshop(tmp_path / "usb-stick" / "mlflow-workshop")
+    (stick / "tools").mkdir()
+    shutil.copy(REPO / "tools" / "wheelhouse.py", stick / "tools")
+    this_python = "{}.{}".format(*sys.version_info[:2])
+    subprocess.run([*download.split(), "--python", this_python, "--platform", f"linux-{platform.machine()}"],
+                   cwd=stick, env=learner_env(), check=True, capture_output=True, timeout=900)
+    wheels = list((stick / "wheelhouse").glob("*.whl"))
+    assert len(wheels) > 80
+
+    laptop = tmp_path / "laptop" / "mlflow-workshop"
+    shutil.copytree(stick, laptop)
+    script = "\n".join(["set -e", readme_snippet("setup-offline"), "python check_setup.py", "python demo.py"])
+    result = subprocess.run(["unshare", "-n", "bash", "-c", script], cwd=laptop, env=learner_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ready for the workshop." in result.stdout
+    assert "Run 'random_forest_breast_cancer' finished." in result.stdout
+    # Inside such a namespace nothing is reachable, not even this machine.
+    probe = subprocess.run(["unshare", "-n", sys.executable, "-c",
+                            "import socket; socket.create_connection(('127.0.0.1', 9), timeout=5)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "Network is unreachable" in probe.stderr, probe.stderr
