@@ -11,10 +11,13 @@ import argparse
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 HERE = Path(__file__).resolve().parent
 LOCK = HERE / "requirements-lock.txt"
@@ -78,8 +81,9 @@ def check_ports(ports):
             except OSError:
                 busy.append(f"{port} is taken by {holder(port)}")
     if busy:
-        return False, (f"{'; '.join(busy)}. Stop it, or use another port (--port 5050) in the commands. "
-                       "On macOS, 5000 is often the AirPlay Receiver: System Settings > General > AirDrop & Handoff")
+        return False, (f"{'; '.join(busy)}. Stop it, or use another port in the commands (--port 5050) and "
+                       "check that one: python check_setup.py --ports 5050 5001. On macOS, 5000 is often the "
+                       "AirPlay Receiver: System Settings > General > AirDrop & Handoff")
     return True, f"ports {' and '.join(map(str, ports))} are free"
 
 
@@ -104,7 +108,18 @@ def check_old_store():
     if old:
         return False, (f"{old[0]} is an old MLflow file store, which `mlflow ui` would show instead of "
                        "mlflow.db: move the mlruns/ folder elsewhere")
-    return True, "no old MLflow file store in mlruns/"
+    if (HERE / "mlflow.db").exists():  # copied from another folder, it still sends files there
+        with sqlite3.connect(f"file:{HERE / 'mlflow.db'}?mode=ro", uri=True) as database:
+            try:
+                found = database.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                                         ("demo-mlflow-artifacts",)).fetchone()
+            except sqlite3.Error:
+                found = None
+        files_at = Path(url2pathname(urlparse(found[0]).path)) if found else HERE
+        if HERE != files_at and HERE not in files_at.parents:
+            return False, (f"mlflow.db was made in another folder (its files go to {files_at}): "
+                           "delete mlflow.db and mlruns/ here to start afresh")
+    return True, "no old MLflow files in this folder"
 
 
 def main():

@@ -23,7 +23,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import REPO, learner_env, make_workshop, readme_commands, readme_snippet
+from conftest import README, REPO, learner_env, make_workshop, readme_commands, readme_snippet
 
 LOCK = REPO / "requirements-lock.txt"
 
@@ -110,6 +110,15 @@ def test_a_ready_laptop_passes_every_check(tmp_path):
     assert all(status == "ok" for status, _ in lines.values()), lines
     assert lines["packages"][1] == "every package matches requirements-lock.txt"
     assert last == "Ready for the workshop."
+    # The README's picture of a ready laptop: the same checks in the same order,
+    # and the same words where they do not depend on the laptop.
+    sample = re.search(r"On a ready laptop:\s*```text\n(.*?)```", README, re.DOTALL).group(1).splitlines()
+    assert [line.split()[1] for line in sample[:-1]] == ["python", "packages", "ports", "folder", "disk", "old"]
+    assert sample[-1] == last
+    for line in sample:
+        if " packages " in line or " old files " in line:
+            name = "packages" if " packages " in line else "old files"
+            assert line == f"ok    {name:<10} {lines[name][1]}"
 
 
 def test_a_taken_port_is_named_with_what_holds_it(tmp_path):
@@ -141,6 +150,20 @@ def test_an_old_mlflow_file_store_is_reported(tmp_path):
     assert code == 1
     assert lines["old files"] == ("FAIL", f"{folder / 'mlruns' / '0'} is an old MLflow file store, which "
                                           "`mlflow ui` would show instead of mlflow.db: move the mlruns/ folder elsewhere")
+
+
+def test_an_mlflow_db_copied_from_another_folder_is_reported(tmp_path, demo_workshop):
+    copy = tmp_path / "copied"
+    shutil.copytree(demo_workshop["path"], copy)
+    copy_of_checker(copy)
+    code, lines, _ = run_check(copy, "--ports", *map(str, free_ports(2)))
+    assert code == 1
+    files_at = demo_workshop["path"] / "mlruns" / "demo-mlflow-artifacts"
+    assert lines["old files"] == ("FAIL", f"mlflow.db was made in another folder (its files go to {files_at}): "
+                                          "delete mlflow.db and mlruns/ here to start afresh")
+    # In the folder it was made in, the same database is fine.
+    code, lines, _ = run_check(copy_of_checker(demo_workshop["path"]), "--ports", *map(str, free_ports(2)))
+    assert lines["old files"] == ("ok", "no old MLflow files in this folder")
 
 
 def test_a_package_that_does_not_match_the_lock_is_named(tmp_path):
@@ -217,19 +240,34 @@ def test_room_kit_sets_up_a_laptop_with_no_network(tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    # The instructor's clone, with a virtual environment and runs of their own.
+    instructor = make_workshop(tmp_path / "instructor" / "mlflow-workshop")
+    (instructor / "tools").mkdir()
+    shutil.copy(REPO / "tools" / "wheelhouse.py", instructor / "tools")
+    shutil.copy(REPO / ".gitignore", instructor)
+    git = ["git", "-c", "user.name=Instructor", "-c", "user.email=instructor@example.com"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "workshop"]):
+        subprocess.run([*git, *command], cwd=instructor, check=True, capture_output=True)
+    (instructor / ".venv" / "bin").mkdir(parents=True)
+    (instructor / "mlflow.db").write_bytes(b"the instructor's own runs")
+
     (download,) = readme_commands("wheelhouse-download")
     assert download == "python tools/wheelhouse.py"
-    stick = make_workshop(tmp_path / "usb-stick" / "mlflow-workshop")
-    (stick / "tools").mkdir()
-    shutil.copy(REPO / "tools" / "wheelhouse.py", stick / "tools")
     this_python = "{}.{}".format(*sys.version_info[:2])
     subprocess.run([*download.split(), "--python", this_python, "--platform", f"linux-{platform.machine()}"],
-                   cwd=stick, env=learner_env(), check=True, capture_output=True, timeout=900)
-    wheels = list((stick / "wheelhouse").glob("*.whl"))
-    assert len(wheels) > 80
+                   cwd=instructor, env=learner_env(), check=True, capture_output=True, timeout=900)
+    assert len(list((instructor / "wheelhouse").glob("*.whl"))) > 80
+
+    # The room kit's copy onto a stick: a clean clone, with the wheelhouse inside.
+    stick = tmp_path / "usb"
+    copy = readme_snippet("room-kit-copy").replace("/media/usb", str(stick))
+    subprocess.run(["bash", "-c", "set -e\n" + copy], cwd=instructor, check=True, capture_output=True)
+    kit = stick / "mlflow-workshop"
+    assert (kit / "wheelhouse").is_dir() and (kit / "demo.py").is_file()
+    assert not (kit / ".venv").exists() and not (kit / "mlflow.db").exists()
 
     laptop = tmp_path / "laptop" / "mlflow-workshop"
-    shutil.copytree(stick, laptop)
+    shutil.copytree(kit, laptop)
     script = "\n".join(["set -e", readme_snippet("setup-offline"), "python check_setup.py", "python demo.py"])
     result = subprocess.run(["unshare", "-n", "bash", "-c", script], cwd=laptop, env=learner_env(),
                             capture_output=True, text=True, timeout=900)
