@@ -3,7 +3,7 @@
     python check_setup.py
 
 Run it in the repository folder, with the virtual environment active. It
-answers in a few seconds, prints one line per check (and what to do about a
+answers in a second, prints one line per check (and what to do about a
 problem), and exits with status 1 if any check fails. It changes nothing.
 """
 
@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 LOCK = HERE / "requirements-lock.txt"
 SUPPORTED = ((3, 10), (3, 13))  # the Python versions the README promises
 FREE_DISK_GB = 2  # the packages take about 1 GB; runs and models add a little
-INSTALL = "python -m pip install -r requirements-lock.txt"
+INSTALL = "python -m pip install -r requirements-lock.txt"  # or the set-up command you used
 
 
 def check_python():
@@ -58,7 +58,7 @@ def check_packages():
             wrong.append(f"{pin.name} {installed} (the lock says {wanted})")
     if wrong:
         more = f", and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        return False, f"{', '.join(wrong[:3])}{more}: run `{INSTALL}`"
+        return False, f"{', '.join(wrong[:3])}{more}: run `{INSTALL}` (or the set-up command you used)"
     return True, "every package matches requirements-lock.txt"
 
 

@@ -172,8 +172,8 @@ def test_a_package_that_does_not_match_the_lock_is_named(tmp_path):
     folder = copy_of_checker(tmp_path / "workshop", wrong_lock)
     code, lines, _ = run_check(folder, "--ports", *map(str, free_ports(2)))
     assert code == 1
-    assert lines["packages"] == ("FAIL", f"numpy {installed} (the lock says 1.0.0): "
-                                         "run `python -m pip install -r requirements-lock.txt`")
+    assert lines["packages"] == ("FAIL", f"numpy {installed} (the lock says 1.0.0): run `python -m pip install "
+                                         "-r requirements-lock.txt` (or the set-up command you used)")
 
 
 def test_outside_the_virtual_environment(tmp_path):
@@ -265,6 +265,10 @@ def test_room_kit_sets_up_a_laptop_with_no_network(tmp_path):
     kit = stick / "mlflow-workshop"
     assert (kit / "wheelhouse").is_dir() and (kit / "demo.py").is_file()
     assert not (kit / ".venv").exists() and not (kit / "mlflow.db").exists()
+    # Why the clone leaves .venv behind: a virtual environment names the folder it was made in.
+    made_here = tmp_path / "a-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(made_here)], check=True)
+    assert str(made_here) in (made_here / "bin" / "activate").read_text()
 
     laptop = tmp_path / "laptop" / "mlflow-workshop"
     shutil.copytree(kit, laptop)
