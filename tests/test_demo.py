@@ -572,6 +572,8 @@ def test_readme_make_it_yours(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (run,) = demo_runs(workshop)
     assert run.info.status == "FINISHED" and run.info.run_name == "logistic_regression_breast_cancer"
+    # Each folder has its own store: the fork's run is not in the first folder.
+    assert not (original / "mlflow.db").exists() and not (original / "mlruns").exists()
     tags = run.data.tags
     assert tags["model_type"] == "LogisticRegression"
     assert {"logisticregression__C", "standardscaler__with_mean", "test_size", "seed"} <= set(run.data.params)
