@@ -33,29 +33,39 @@ def check_python():
     return True, found
 
 
+def locked_pins(environment=None):
+    """(name, version) of each pin of requirements-lock.txt that applies to this
+    Python, or to the one `environment` describes (marker values, as
+    tools/wheelhouse.py passes them). Needs `packaging`, which MLflow brings."""
+    from packaging.requirements import Requirement
+
+    pins = []
+    for line in LOCK.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith((" ", "#")):
+            pin = Requirement(line)
+            if pin.marker is None or pin.marker.evaluate(environment):  # else for another Python or system
+                (wanted,) = [spec.version for spec in pin.specifier]
+                pins.append((pin.name, wanted))
+    return pins
+
+
 def check_packages():
     if sys.prefix == sys.base_prefix:
         return False, "no virtual environment is active: run `source .venv/bin/activate` (PowerShell: `.venv\\Scripts\\Activate.ps1`)"
     try:
         from importlib.metadata import PackageNotFoundError, version
 
-        from packaging.requirements import Requirement
+        pins = locked_pins()
     except ImportError:
         return False, f"the workshop's packages are not installed: run `{INSTALL}`"
     wrong = []
-    for line in LOCK.read_text(encoding="utf-8").splitlines():
-        if not line or line.startswith((" ", "#")):
-            continue
-        pin = Requirement(line)
-        if pin.marker and not pin.marker.evaluate():
-            continue  # for another Python version or system
-        (wanted,) = [spec.version for spec in pin.specifier]
+    for name, wanted in pins:
         try:
-            installed = version(pin.name)
+            installed = version(name)
         except PackageNotFoundError:
             installed = "missing"
         if installed != wanted:
-            wrong.append(f"{pin.name} {installed} (the lock says {wanted})")
+            wrong.append(f"{name} {installed} (the lock says {wanted})")
     if wrong:
         more = f", and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         return False, f"{', '.join(wrong[:3])}{more}: run `{INSTALL}` (or the set-up command you used)"

@@ -245,10 +245,11 @@ try:
     experiment = mlflow.set_experiment(EXPERIMENT_NAME)
 except MlflowException as error:  # a server that is down, or a wrong password: one line
     sys.exit(f"Could not log to {mlflow.get_tracking_uri()}: {error.message}")
-files_at = Path(url2pathname(urlparse(experiment.artifact_location).path))
-if not server_uri and files_at != PROJECT_DIR / "mlruns" / EXPERIMENT_NAME:  # a copied or moved folder
-    sys.exit(f"{PROJECT_DIR / 'mlflow.db'} keeps its files in {files_at}, another folder. "
-             "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
+if not server_uri:  # a copied or moved folder: its mlflow.db still sends files to the old one
+    files_at = Path(url2pathname(urlparse(experiment.artifact_location).path))
+    if files_at != PROJECT_DIR / "mlruns" / EXPERIMENT_NAME:
+        sys.exit(f"{PROJECT_DIR / 'mlflow.db'} keeps its files in {files_at}, another folder. "
+                 "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
 where = server_uri or f"{PROJECT_DIR / 'mlflow.db'} (backend store) and {PROJECT_DIR / 'mlruns'} (artifact store)"
 print(f"Logging to experiment '{EXPERIMENT_NAME}' in {where}")
 

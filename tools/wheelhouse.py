@@ -20,9 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from check_setup import locked_pins  # noqa: E402  (the same reading of the lock as the laptop check)
+
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 
@@ -49,13 +50,7 @@ def pins_for(python, platform):
     """The lock's pins that apply to one Python version on one platform."""
     environment = {**PLATFORMS[platform][1], "python_version": python, "python_full_version": f"{python}.0",
                    "implementation_name": "cpython", "platform_python_implementation": "CPython"}
-    pins = []
-    for line in (REPO / "requirements-lock.txt").read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith((" ", "#")):
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate(environment):
-                pins.append(f"{requirement.name}{requirement.specifier}")
-    return pins
+    return [f"{name}=={version}" for name, version in locked_pins(environment)]
 
 
 def download(python, platform, folder):
