@@ -289,7 +289,10 @@ with mlflow.start_run(run_name=run_name, description=description) as run:
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")  # our 0/1 target has no gaps
     for rows, labels, context in [(X_train, y_train, "training"), (X_test, y_test, "testing")]:
         dataset = mlflow.data.from_pandas(rows.assign(target=labels), name=f"breast_cancer_{context}", targets="target")
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except MlflowException:  # on a server, another run recorded the same rows at this instant
+            mlflow.log_input(dataset, context=context)  # now the record is there, and is shared
 
     # Artifacts: any files. They go to the artifact store, not the database.
     for artifact_path, figure in figures.items():

@@ -441,6 +441,70 @@ def test_a_room_of_participants_at_once_on_a_fresh_server(postgres, tmp_path, mo
         assert not (workshop / "mlflow.db").exists() and not (workshop / "mlruns").exists()
 
 
+def test_two_participants_record_the_same_data_at_one_instant(postgres, tmp_path, monkeypatch):
+    """Two runs with the same split log the same dataset at the same instant.
+    MLflow's server looks the dataset up, finds nothing, and both insert it:
+    one insert fails on the table's unique key. demo.py tries once more, finds
+    the other's record, and both runs finish with their datasets.
+
+    The instant is made certain, not hoped for: a lock held here lets both
+    look-ups through but holds both inserts until both wait on it."""
+    import psycopg2
+
+    with team_server(postgres, tmp_path / "server", "mlflow_same_data") as server:
+        names = ["ann", "ben"]
+        for name in names:
+            server.create_user(name, f"{name}-password")
+        holder = psycopg2.connect(host=str(postgres.folder), port=postgres.port, user="postgres",
+                                  dbname="mlflow_same_data")
+        try:
+            with holder.cursor() as cursor:
+                cursor.execute("LOCK TABLE datasets IN SHARE MODE")  # reads pass, inserts wait
+            processes = [
+                subprocess.Popen([sys.executable, str(make_workshop(tmp_path / name / "mlflow-workshop") / "demo.py")],
+                                 cwd=tmp_path / name, env=server.participant_env(name, f"{name}-password"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for name in names
+            ]
+            try:
+                deadline = time.monotonic() + 240
+                waiting = 0
+                while waiting < 2:
+                    assert time.monotonic() < deadline, "both inserts never waited on the lock"
+                    assert all(process.poll() is None for process in processes), \
+                        [process.communicate() for process in processes]
+                    time.sleep(0.2)
+                    with psycopg2.connect(host=str(postgres.folder), port=postgres.port, user="postgres",
+                                          dbname="mlflow_same_data") as watcher, watcher.cursor() as cursor:
+                        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND query LIKE 'INSERT INTO datasets%'")
+                        (waiting,) = cursor.fetchone()
+                holder.commit()  # both inserts go: the second meets the first's row
+                outcomes = [process.communicate(timeout=240) for process in processes]
+            finally:
+                for process in processes:
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
+        finally:
+            holder.close()
+        for process, (stdout, stderr) in zip(processes, outcomes):
+            assert process.returncode == 0, stdout + stderr
+        client = server_client(monkeypatch, server)
+        runs = experiment_runs(client)
+        assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+        for stdout, _ in outcomes:
+            run_id, model_id = printed_ids(stdout)
+            check_run(client, run_id, model_id, [])
+        # One record per dataset, shared by both runs.
+        with psycopg2.connect(host=str(postgres.folder), port=postgres.port, user="postgres",
+                              dbname="mlflow_same_data") as reader, reader.cursor() as cursor:
+            cursor.execute("SELECT name, count(*) FROM datasets GROUP BY name ORDER BY name")
+            assert cursor.fetchall() == [("breast_cancer_testing", 1), ("breast_cancer_training", 1)]
+            cursor.execute("SELECT count(*) FROM inputs WHERE destination_type = 'RUN'")
+            assert cursor.fetchone() == (4,)
+
+
 def _wave(workshops, envs, flags):
     """Each participant runs demo.py from their own copy, all at once."""
     started = time.monotonic()
