@@ -52,10 +52,21 @@ an mlflow.db, in its own process group that is stopped by its PID at the end:
 * `mlflow models serve`: the README's `serve` snippet (`--env-manager local`)
   with the model id of the warm folder's run and only the port changed;
   seconds until GET /ping answers 200.
+
+Last, predictions from that served model, as a client sees them: the README's
+`serve` command answering the example body that demo.py logged (three rows),
+each request on a new connection as curl makes it. Measured: the median and
+90th percentile latency of one client's requests one after another, and the
+requests per second that 8 clients sending at once get in 10 seconds. Beside
+them, side by side in the same run, the same three rows predicted in this
+process with the loaded model (no HTTP, no JSON): the ratio says what serving
+adds. Targets: one client's median <= 15 ms, 8 clients >= 50 requests/s.
 """
 
 import argparse
+import json
 import os
+import threading
 import re
 import shutil
 import statistics
@@ -144,6 +155,79 @@ def time_to_answer(command, cwd, env, path, log_path, timeout=300):
             time.sleep(0.1)
     finally:
         stop_process_group(process, grace=15)
+
+
+def serving_figures(command, cwd, env, body, log_path, seconds=10.0, clients=8, timeout=300):
+    """Start the serve command, then time POST /invocations with `body`: one
+    client's latencies (ms), and the requests per second of `clients` at once."""
+    port = free_port()
+    command = with_port(command, port)
+    url = f"http://127.0.0.1:{port}/invocations"
+    headers = {"Content-Type": "application/json"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.perf_counter() + timeout
+        while True:
+            if process.poll() is not None:
+                sys.exit(f"{command!r} exited with {process.returncode}:\n{Path(log_path).read_text()}")
+            try:
+                if http("GET", f"http://127.0.0.1:{port}/ping", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.perf_counter() > deadline:
+                sys.exit(f"{command!r} did not answer in {timeout} s:\n{Path(log_path).read_text()}")
+            time.sleep(0.1)
+
+        def one_request():
+            started = time.perf_counter()
+            status, answer = http("POST", url, body, headers)
+            if status != 200:
+                sys.exit(f"the served model answered {status}: {answer}")
+            return (time.perf_counter() - started) * 1000
+
+        for _ in range(20):  # warm-up: the first requests load lazily imported code
+            one_request()
+        latencies = sorted(one_request() for _ in range(300))
+        done = [0] * clients
+        stop_at = time.perf_counter() + seconds
+
+        def client(index):
+            while time.perf_counter() < stop_at:
+                one_request()
+                done[index] += 1
+
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        per_second = sum(done) / (time.perf_counter() - started)
+        return latencies, per_second
+    finally:
+        stop_process_group(process, grace=15)
+
+
+def in_process_predict_ms(model_uri, body, tracking_uri, repeats=300):
+    """The same rows predicted by the loaded model in this process: the median ms."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    split = json.loads(body)["dataframe_split"]
+    rows = pd.DataFrame(split["data"], columns=split["columns"])
+    for _ in range(20):
+        model.predict(rows)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict(rows)
+        timings.append((time.perf_counter() - started) * 1000)
+    return median(timings)
 
 
 def median(values):
@@ -260,6 +344,24 @@ def main(argv=None):
                 print(f"  {median(seconds):6.2f} s  [{spread(seconds)}]  {memory:5.0f} MB  {label}")
             readme_way, defaults = (median([s for s, _ in starts[label]]) for label, *_ in variants[:2])
             print(f"  MLflow's defaults / the README's way: {defaults / readme_way:.2f} x the start time")
+
+            # Predictions from the served model, with the example body demo.py logged.
+            example = next(warm.glob(f"mlruns/*/models/{model_id}/artifacts/serving_input_example.json"))
+            body = example.read_text()
+            latencies, per_second = serving_figures(serve_command, warm, env, body, root / "serve.log")
+            in_process = in_process_predict_ms(f"models:/{model_id}", body,
+                                               f"sqlite:///{(warm / 'mlflow.db').as_posix()}")
+            p50, p90 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.9)]
+            print()
+            print(f"Predictions from `{serve_command}`, 3 rows a request, a new connection each:")
+            print(f"  one client:  median {p50:.1f} ms, 90th percentile {p90:.1f} ms ({len(latencies)} requests)")
+            print(f"  8 clients:   {per_second:.0f} requests/s")
+            print(f"  in process:  median {in_process:.1f} ms for model.predict on the same rows; "
+                  f"served / in process: {p50 / in_process:.2f} x")
+            for verdict, label in [(p50 <= 15, f"one client's median {p50:.1f} ms (target <= 15 ms)"),
+                                   (per_second >= 50, f"8 clients {per_second:.0f} requests/s (target >= 50)")]:
+                failed |= not verdict
+                print(f"  {'PASS' if verdict else 'FAIL'}  {label}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 1 if args.check and failed else 0

@@ -85,3 +85,118 @@ def test_a_value_that_is_not_a_number_gets_400(server):
     status, text = http("POST", server["url"], json.dumps(inline), {"Content-Type": "application/json"})
     assert status == 400
     assert "mean radius" in json.loads(text)["message"]
+
+
+# %% The README's table of refused requests, row by row
+
+
+def refused_requests_table():
+    """The README's table: request -> (status, what the message says)."""
+    block = README.split("<!-- table: refused-requests -->", 1)[1].strip().split("\n\n", 1)[0]
+    rows = {}
+    for line in block.splitlines()[2:]:  # after the header and its --- line
+        request, status, says = (cell.strip() for cell in line.strip().strip("|").split("|"))
+        rows[request] = (int(status.strip("`")), says.split("`")[1])
+    return rows
+
+
+def inline_body(server, change=None):
+    """The README's inline request body (two tumours), changed by `change`."""
+    arguments = readme_curl("curl-inline", server)
+    body = json.loads(arguments[arguments.index("--data") + 1])
+    if change:
+        change(body["dataframe_split"])
+    return json.dumps(body)
+
+
+def post_without_content_type(server, body):
+    """http.client sends only the headers it is given: no Content-Type at all."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server["url"])
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        connection.request("POST", url.path, body.encode())
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def curl_without_header(server):
+    """The README's inline curl command with its -H "Content-Type: ..." left out."""
+    arguments = readme_curl("curl-inline", server)
+    at = arguments.index("-H")
+    assert arguments[at + 1] == "Content-Type: application/json"
+    return curl(arguments[:at] + arguments[at + 2:], server)
+
+
+def rename_first_column(split):
+    split["columns"][0] = "mean radis"
+
+
+def drop_last_value(split):
+    for row in split["data"]:
+        row.pop()
+
+
+def first_value(value):
+    def change(split):
+        split["data"][0][0] = value
+    return change
+
+
+def json_post(server, body):
+    return http("POST", server["url"], body, {"Content-Type": "application/json"})
+
+
+REFUSED = {
+    # The README's first column, word for word -> the request it describes.
+    "no `Content-Type` header at all": lambda s: post_without_content_type(s, inline_body(s)),
+    "`curl` without `-H \"Content-Type: application/json\"`": curl_without_header,
+    "a body that is not JSON": lambda s: json_post(s, "{not json"),
+    "the MLflow 1.x format above": lambda s: curl(readme_curl("curl-old-format", s), s),
+    "a column missing (or misspelled)": lambda s: json_post(s, inline_body(s, rename_first_column)),
+    "a row with fewer values than columns": lambda s: json_post(s, inline_body(s, drop_last_value)),
+    "a value that is not a number, such as `\"large\"`": lambda s: json_post(s, inline_body(s, first_value("large"))),
+    "no rows at all": lambda s: json_post(s, inline_body(s, lambda split: split.update(data=[]))),
+}
+
+
+def test_the_readme_lists_exactly_what_the_server_refuses(server):
+    """Each row of the README's table, sent for real: the status and the words
+    the README gives. Then a good request is still answered."""
+    table = refused_requests_table()
+    assert list(table) == list(REFUSED)
+    for request, (status, says) in table.items():
+        got_status, got_body = REFUSED[request](server)
+        assert (got_status, request) == (status, request), got_body
+        assert says in got_body, (request, got_body)
+    promised = re.search(r"expect `(\{\"predictions\": [^`]*\})`", README).group(1)
+    status, body = json_post(server, inline_body(server))
+    assert status == 200 and json.loads(body) == json.loads(promised)
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), "17.99"], ids=["null", "NaN", "quoted number"])
+def test_what_the_readme_says_gets_through(server, value):
+    """A missing value and a number in quotes get a prediction, as the README warns."""
+    flat = " ".join(README.split())
+    assert "**A missing value**, `null` (or `NaN`), gets a prediction." in flat
+    assert '**A number in quotes**, such as `"17.99"`, is read as the number.' in flat
+    status, body = json_post(server, inline_body(server, first_value(value)))
+    assert status == 200, body
+    assert set(json.loads(body)["predictions"]) <= {0, 1}
+
+
+def test_an_extra_column_is_ignored(server):
+    assert "**An extra column** is ignored." in README
+
+    def add_column(split):
+        split["columns"].append("tumour colour")
+        for row in split["data"]:
+            row.append(1.0)
+
+    status, body = json_post(server, inline_body(server, add_column))
+    promised = re.search(r"expect `(\{\"predictions\": [^`]*\})`", README).group(1)
+    assert status == 200 and json.loads(body) == json.loads(promised)

@@ -13,11 +13,15 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import (
+    README,
     free_port,
     http,
     learner_env,
+    make_workshop,
+    printed_ids,
     readme_commands,
     readme_snippet,
+    run_demo,
     start_server,
     with_port,
 )
@@ -79,13 +83,38 @@ def test_logged_model_is_visible_through_the_server(ui, demo_workshop):
     assert model["info"]["source_run_id"] == demo_workshop["run_id"]
 
 
-def test_readme_rest_snippet_finds_the_run(ui, demo_workshop):
-    (command,) = readme_commands("rest-api")
-    command = command.replace("http://127.0.0.1:5000", ui)
+def readme_curl_json(snippet, base, **replace):
+    """Run the README's curl command against `base`; its JSON answer."""
+    (command,) = readme_commands(snippet)
+    command = command.replace("http://127.0.0.1:5000", base)
+    for old, new in replace.items():
+        command = command.replace(old, new)
     result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    runs = json.loads(result.stdout)["runs"]
-    assert demo_workshop["run_id"] in {r["info"]["run_id"] for r in runs}
+    return json.loads(result.stdout)
+
+
+def test_readme_rest_snippets_find_the_runs_by_the_experiment_name(tmp_path):
+    """The experiment is not the first one in this mlflow.db (its id is 2): the
+    README's look-up by name finds its id, and the search with that id finds
+    the run, and only this experiment's runs."""
+    workshop = make_workshop(tmp_path / "mlflow-workshop")
+    earlier = MlflowClient(tracking_uri=f"sqlite:///{workshop / 'mlflow.db'}")
+    earlier.create_experiment("an-earlier-tutorial", artifact_location=(workshop / "mlruns" / "earlier").as_uri())
+    earlier_run = earlier.create_run(earlier.get_experiment_by_name("an-earlier-tutorial").experiment_id)
+    earlier.log_metric(earlier_run.info.run_id, "accuracy", 0.99)  # would top the search if mixed in
+    earlier.set_terminated(earlier_run.info.run_id)
+    demo = run_demo(workshop)
+    assert demo.returncode == 0, demo.stderr
+    run_id, _ = printed_ids(demo.stdout)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with start_server(with_port(readme_snippet("ui"), port), workshop, f"{base}/health", log_name="ui.log"):
+        experiment = readme_curl_json("rest-experiment", base)["experiment"]
+        assert experiment["name"] == "demo-mlflow-artifacts" and experiment["experiment_id"] == "2"
+        assert '"experiment_id": "1"' in " ".join(README.split())  # the answer the README shows
+        runs = readme_curl_json("rest-api", base, **{'["1"]': f'["{experiment["experiment_id"]}"]'})["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [run_id]
 
 
 def test_readme_python_snippet_lists_the_run(demo_workshop):
