@@ -77,8 +77,16 @@ def interrupted(signal_number, frame):
     sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
 
 
+def disk_full_in_one_line(kind, error, traceback):
+    if "No space left on device" in str(error) or "database or disk is full" in str(error):
+        print(f"Stopped: the disk is full ({error}). Free some space, then run again.", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, traceback)
+
+
 if not IN_NOTEBOOK:  # in a notebook, the interrupt button stops only the cell
     signal.signal(signal.SIGINT, interrupted)
+    sys.excepthook = disk_full_in_one_line
 
 # %%
 # Load the data
@@ -205,8 +213,6 @@ print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.c
 # Without MLFLOW_TRACKING_URI both are beside this file: the SQLite database
 # `mlflow.db` and the folder `mlruns/`. With it, both belong to that server.
 
-import sqlite3
-from contextlib import closing
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -223,14 +229,12 @@ if server_uri:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     artifact_location = None  # the server decides where files go
 else:
-    mlflow.set_tracking_uri(f"sqlite:///{(PROJECT_DIR / 'mlflow.db').as_posix()}")
-    artifact_location = (PROJECT_DIR / "mlruns" / EXPERIMENT_NAME).as_uri()
-    # Runs started together in a new folder take turns to build mlflow.db's
-    # tables, through a lock that the system frees even if a run is killed.
-    (PROJECT_DIR / "mlruns").mkdir(exist_ok=True)
-    with closing(sqlite3.connect(PROJECT_DIR / "mlruns" / ".db-lock", timeout=300, isolation_level=None)) as lock:
-        lock.execute("BEGIN EXCLUSIVE")
-        mlflow.search_experiments(max_results=1)  # builds the tables if missing
+    # local_store.py takes care of what a laptop's folder goes through: runs
+    # started at once, a run stopped half-way (Ctrl-C, kill -9, a full disk),
+    # files from an older MLflow. No need to read it for the workshop.
+    from local_store import open_local_store
+
+    artifact_location, this_run_file = open_local_store(PROJECT_DIR, EXPERIMENT_NAME)
 
 # An experiment groups the runs of one problem; the first run creates it, with
 # its files under mlruns/. (mlflow.set_experiment alone would put them in the
@@ -245,11 +249,6 @@ try:
     experiment = mlflow.set_experiment(EXPERIMENT_NAME)
 except MlflowException as error:  # a server that is down, or a wrong password: one line
     sys.exit(f"Could not log to {mlflow.get_tracking_uri()}: {error.message}")
-if not server_uri:  # a copied or moved folder: its mlflow.db still sends files to the old one
-    files_at = Path(url2pathname(urlparse(experiment.artifact_location).path))
-    if files_at != PROJECT_DIR / "mlruns" / EXPERIMENT_NAME:
-        sys.exit(f"{PROJECT_DIR / 'mlflow.db'} keeps its files in {files_at}, another folder. "
-                 "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
 where = server_uri or f"{PROJECT_DIR / 'mlflow.db'} (backend store) and {PROJECT_DIR / 'mlruns'} (artifact store)"
 print(f"Logging to experiment '{EXPERIMENT_NAME}' in {where}")
 
@@ -274,6 +273,9 @@ description = (f"{model_type} telling malignant from benign tumours in scikit-le
                f"data, trained on {len(X_train)} tumours and scored on {len(X_test)} held-out ones.")
 
 with mlflow.start_run(run_name=run_name, description=description) as run:
+    if not server_uri:  # so that a later run can tell if this one died (local_store.py)
+        this_run_file.write_text(run.info.run_id)
+
     # Params: what produced the run. get_params() lists every setting of the
     # model, defaults included: they can change between scikit-learn versions.
     mlflow.log_params({**model.get_params(), "test_size": args.test_size, "seed": args.seed})

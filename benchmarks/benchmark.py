@@ -258,7 +258,8 @@ def main(argv=None):
         # matplotlib's first-time font cache.
         warm = root / "warm"
         warm.mkdir()
-        shutil.copy(DEMO, warm / "demo.py")
+        for name in ("demo.py", "local_store.py"):
+            shutil.copy(REPO / name, warm / name)
         first = subprocess.run([python, str(warm / "demo.py")], cwd=root, env=env,
                                capture_output=True, text=True)
         if first.returncode != 0:
@@ -274,7 +275,8 @@ def main(argv=None):
         def run_cold(round_number):
             cold = root / f"cold-{round_number}"
             cold.mkdir()
-            shutil.copy(DEMO, cold / "demo.py")
+            for name in ("demo.py", "local_store.py"):
+                shutil.copy(REPO / name, cold / name)
             try:
                 return measure([python, str(cold / "demo.py")], root, env, root / "cold.log")
             finally:

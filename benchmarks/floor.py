@@ -35,7 +35,8 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 later = ast.parse(CELL.join(cells[fit_cell + 1:]))
-imports = [node for node in ast.walk(later) if isinstance(node, (ast.Import, ast.ImportFrom))]
+imports = [node for node in ast.walk(later) if isinstance(node, (ast.Import, ast.ImportFrom))
+           and getattr(node, "module", None) != "local_store"]  # the local store is tracking: not floor
 exec(compile(ast.Module(body=imports, type_ignores=[]), str(DEMO), "exec"), namespace)
 
 # The model's files, as `log_model` writes them, without a run.

@@ -329,6 +329,7 @@ def full_disk(*args, **kwargs):
 # A failure in the middle of the run: the first plot cannot be written.
 matplotlib.figure.Figure.savefig = full_disk
 sys.argv = [sys.argv[1]]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as `python demo.py` does: its folder first
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
