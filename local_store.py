@@ -11,8 +11,8 @@ and `mlruns/` (the artifact store) beside itself. Before each run,
   a full disk) never leaves a half-built mlflow.db behind: the tables are built
   in another file, which is then moved into place;
 * a run whose process died without ending it (kill -9, a crash, a full disk)
-  does not stay RUNNING for good: the next run marks it KILLED, and its
-  unfinished model FAILED, and says so in one line;
+  does not stay RUNNING for good: the next run marks it KILLED and says so in
+  one line, and a model left half-logged (PENDING) is marked FAILED;
 * files that MLflow 3.17 would misread or change for good stop the run before
   it logs anything, with one line that says what to do, and nothing is deleted:
   a file that is not a database, a database from an older MLflow, an old
@@ -57,7 +57,8 @@ def open_local_store(project_dir, experiment_name):
     database, mlruns = project_dir / "mlflow.db", project_dir / "mlruns"
     if any(mlruns.glob("*/meta.yaml")):  # `mlflow ui` and `mlflow models serve` would read it, not mlflow.db
         sys.exit(f"{mlruns} holds an older MLflow's runs (a file store). Rename that folder (say, to "
-                 "mlruns-old), then run again; `mlflow ui --backend-store-uri mlruns-old` shows them.")
+                 "mlruns-old), then run again. `mlflow migrate-filestore --source mlruns-old --target "
+                 "sqlite:///old-runs.db` copies those runs into a database the UI opens.")
     (mlruns / ".running").mkdir(parents=True, exist_ok=True)
     with closing(os_lock(mlruns / ".db-lock", wait=300)):  # runs started at once take turns here
         build_or_check(database, project_dir, experiment_name)
@@ -78,7 +79,7 @@ def build_or_check(database, project_dir, experiment_name):
             with closing(sqlite3.connect(database, timeout=60)) as db:
                 tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 holds_runs = "runs" in tables and db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
-                files_at = "experiments" in tables and db.execute(
+                files_at = set(Base.metadata.tables) <= tables and db.execute(
                     "SELECT artifact_location FROM experiments WHERE name = ?", (experiment_name,)).fetchone()
         except sqlite3.DatabaseError as error:
             if "not a database" not in str(error):
@@ -117,10 +118,11 @@ def end_runs_of_dead_processes(running):
             run = None
         if run and run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")
+            print(f"Run {run.info.run_id} was stopped before it finished: marked KILLED.")
+        if run:  # a model left half-logged (by a kill, or by Ctrl-C inside log_model) ends FAILED
             for model in client.search_logged_models([run.info.experiment_id],
                                                      filter_string=f"source_run_id = '{run.info.run_id}'"):
                 if model.status == LoggedModelStatus.PENDING:
                     client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
-            print(f"Run {run.info.run_id} was stopped before it finished: marked KILLED.")
         for leftover in running.glob(f"{lock_file.stem}.*"):  # .lock, .run and any journal
             leftover.unlink()

@@ -1,7 +1,9 @@
 """`mlflow ui` started as the README says, and the README's Python and REST snippets."""
 
 import json
+import re
 import os
+from pathlib import Path
 import shlex
 import shutil
 import signal
@@ -150,3 +152,50 @@ def test_ctrl_c_stops_the_ui_and_the_runs_are_safe(demo_workshop, tmp_path, vari
     client = MlflowClient(tracking_uri=f"sqlite:///{workshop / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("demo-mlflow-artifacts").experiment_id])
     assert (run.info.run_id, run.info.status) == (demo_workshop["run_id"], "FINISHED")
+
+
+def test_readme_load_model_lines_work_in_the_folder(demo_workshop):
+    """The README's `mlflow.sklearn.load_model("models:/<model_id>")` and
+    `mlflow.pyfunc.load_model(...)`, in a Python started in the folder with
+    no tracking URI set: MLflow finds ./mlflow.db by itself."""
+    flat = " ".join(README.split())
+    sklearn_line = re.search(r'`(mlflow\.sklearn\.load_model\("models:/<model_id>"\))`', flat).group(1)
+    assert "`mlflow.pyfunc.load_model(...)`" in flat
+    model_uri = f"models:/{demo_workshop['model_id']}"
+    code = "\n".join([
+        "import mlflow",
+        "from sklearn.datasets import load_breast_cancer",
+        f"model = {sklearn_line.replace('models:/<model_id>', model_uri)}",
+        f"generic = mlflow.pyfunc.load_model({model_uri!r})",
+        "rows = load_breast_cancer(as_frame=True).data.iloc[[0, 19]]",
+        "print(type(model).__name__, list(model.predict(rows)), list(generic.predict(rows)))",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], cwd=demo_workshop["path"], env=learner_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "RandomForestClassifier"
+    assert "[0, 1] [0, 1]" in result.stdout.replace("np.int64(", "").replace(")", "")
+
+
+def test_readme_ui_with_the_database_named_from_another_folder(demo_workshop, tmp_path):
+    """`mlflow ui --backend-store-uri sqlite:///path/to/mlflow.db`, started in
+    another folder with a relative path, and with the README's absolute form
+    (four slashes), shows the workshop's runs."""
+    flat = " ".join(README.split())
+    command = re.search(r"`(mlflow ui --backend-store-uri sqlite:///path/to/mlflow\.db)`", flat).group(1)
+    absolute = re.search(r"`(sqlite:////home/you/mlflow-workshop/mlflow\.db)`", flat).group(1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    database = demo_workshop["path"] / "mlflow.db"
+    relative = Path(os.path.relpath(database, elsewhere)).as_posix()
+    for uri in [f"sqlite:///{relative}", absolute.replace("/home/you/mlflow-workshop/mlflow.db", str(database))]:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        with start_server(f"{command.replace('sqlite:///path/to/mlflow.db', uri)} --port {port}", elsewhere,
+                          f"{base}/health", log_name="ui.log"):
+            status, body = http("POST", f"{base}/api/2.0/mlflow/runs/search",
+                                json.dumps({"experiment_ids": ["1"]}),  # the only experiment there
+                                {"Content-Type": "application/json"})
+        assert status == 200, body
+        assert demo_workshop["run_id"] in {run["info"]["run_id"] for run in json.loads(body)["runs"]}, uri
+    assert not (elsewhere / "mlflow.db").exists()
