@@ -39,8 +39,9 @@ from urllib.request import url2pathname
 import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
+import sqlalchemy
 from mlflow.store.db.base_sql_model import Base
-from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # also fills Base with every table
+from mlflow.store.db.utils import _initialize_tables  # importing it fills Base with every table
 
 
 def os_lock(path, wait):
@@ -72,7 +73,6 @@ def open_local_store(project_dir, experiment_name):
 
 
 def build_or_check(database, project_dir, experiment_name):
-    artifact_location = (project_dir / "mlruns" / experiment_name).as_uri()
     tables, holds_runs = set(), False
     if database.exists():
         try:
@@ -100,7 +100,9 @@ def build_or_check(database, project_dir, experiment_name):
     building = database.with_name("mlflow.db.building")
     for leftover in project_dir.glob("mlflow.db.building*"):  # from a run stopped while building
         leftover.unlink()
-    SqlAlchemyStore(f"sqlite:///{building.as_posix()}", artifact_location).engine.dispose()
+    engine = sqlalchemy.create_engine(f"sqlite:///{building.as_posix()}")
+    _initialize_tables(engine)  # what MLflow itself does on a first run, in the other file
+    engine.dispose()
     os.replace(building, database)
 
 

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
 # The instructor's guide to a room without good internet, linked from the README.
 ROOM_KIT = (REPO / "docs" / "room-kit.md").read_text(encoding="utf-8")
+TEAM_STACK = (REPO / "docs" / "team-stack.md").read_text(encoding="utf-8")
 WORKSHOP_FILES = ["demo.py", "local_store.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -48,12 +49,12 @@ MODEL_FILES = [
 
 def readme_snippet(name):
     """The code block that follows `<!-- snippet: NAME -->` in README.md, or
-    in the guide it links to, docs/room-kit.md."""
-    for text in (README, ROOM_KIT):
+    in the guides it links to, docs/room-kit.md and docs/team-stack.md."""
+    for text in (README, ROOM_KIT, TEAM_STACK):
         match = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```[a-z]*\n(.*?)```", text, re.DOTALL)
         if match:
             return match.group(1)
-    raise AssertionError(f"no code block marked <!-- snippet: {name} --> in README.md or docs/room-kit.md")
+    raise AssertionError(f"no code block marked <!-- snippet: {name} --> in README.md or docs/*.md")
 
 
 def readme_commands(name):

@@ -103,8 +103,9 @@ class Postgres:
         return f"postgresql+psycopg2://{match['user']}:{match['password']}@127.0.0.1:{self.port}/{database}"
 
 
-@pytest.fixture(scope="session")
-def postgres():
+@contextmanager
+def postgres_cluster(database_sql):
+    """A new PostgreSQL cluster on a free port, `database_sql` run in it, always stopped."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         no_postgres("No PostgreSQL found (no /usr/lib/postgresql/*/bin/initdb, no initdb on PATH)")
@@ -129,8 +130,7 @@ def postgres():
         started = pg.ctl("start", "-w", "-t", "60", "-l", str(folder / "postgres.log"), "-o",
                          f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {folder}")
         assert started.returncode == 0, started.stdout + started.stderr + _read(folder / "postgres.log")
-        # The README's SQL, as the admin pastes it into `sudo -u postgres psql`.
-        pg.psql(readme_snippet("team-database"))
+        pg.psql(database_sql)
         yield pg
     finally:
         if (pg.data / "postmaster.pid").exists():
@@ -138,6 +138,13 @@ def postgres():
             if stopped.returncode != 0:
                 pg.ctl("stop", "-w", "-t", "30", "-m", "immediate")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    # The README's SQL, as the admin pastes it into `sudo -u postgres psql`.
+    with postgres_cluster(readme_snippet("team-database")) as pg:
+        yield pg
 
 
 def _read(path):
