@@ -118,13 +118,13 @@ def test_ctrl_c_at_any_instant(tmp_path, which):
             assert run_demo(workshop, "--n-estimators", "10").returncode == 0
         process = start_demo(workshop)
         time.sleep(at)
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            interrupted += 1
-        code, out, err = finish(process)
-        if code == 0:  # it had finished: no Ctrl-C
+        if process.poll() is not None:  # it had finished: no Ctrl-C
+            assert process.returncode == 0, process.communicate()
             continue
-        assert code == 130, (at, out, err)
+        process.send_signal(signal.SIGINT)
+        interrupted += 1
+        code, out, err = finish(process)
+        assert code == 130, (at, out, err)  # never swallowed
         assert only_one_line(err) == [INTERRUPTED], (at, err)
         before = statuses(workshop) if (workshop / "mlflow.db").exists() else {}
         next_run_works(workshop, before)
@@ -136,15 +136,21 @@ def test_ctrl_c_at_any_instant(tmp_path, which):
 # %% kill -9
 
 
-def test_kill_9_while_the_first_run_builds_the_database(tmp_path):
-    """kill -9 while MLflow builds the tables: no half-built mlflow.db is left,
-    and the next run builds it and finishes."""
+@pytest.mark.parametrize("stop, delay", [(signal.SIGKILL, 0.3), (signal.SIGINT, 0.05), (signal.SIGINT, 0.3),
+                                         (signal.SIGINT, 0.6)], ids=["kill -9", "Ctrl-C 0.05 s", "Ctrl-C 0.3 s",
+                                                                     "Ctrl-C 0.6 s"])
+def test_stopped_while_the_first_run_builds_the_database(tmp_path, stop, delay):
+    """kill -9 or Ctrl-C while MLflow builds the tables: no half-built
+    mlflow.db is left, Ctrl-C is never swallowed, and the next run builds the
+    database and finishes."""
     workshop = make_workshop(tmp_path / "mlflow-workshop")
     process = start_demo(workshop)
     wait_for(lambda: (workshop / "mlflow.db.building").exists(), process, "the tables being built")
-    time.sleep(0.3)  # inside the migrations
-    process.kill()
-    process.wait()
+    time.sleep(delay)  # inside the migrations
+    process.send_signal(stop)
+    code, _, err = finish(process)
+    if stop == signal.SIGINT:
+        assert code == 130 and only_one_line(err) == [INTERRUPTED], err
     assert not (workshop / "mlflow.db").exists()
     result = next_run_works(workshop, {})
     assert not list(workshop.glob("mlflow.db.building*"))

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 
 from conftest import (
     MODEL_FILES,
+    README,
     PLOTS,
     REPORT,
     TEAM_STACK,
@@ -391,6 +392,10 @@ def test_a_participant_without_the_room_ca_gets_one_line(stack, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"Could not log to {stack.url}: "), result.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in lines[0]
     assert "`CERTIFICATE_VERIFY_FAILED`" in TEAM_STACK
+    # The README tells participants the same, with the guide's own line.
+    (line,) = [command for command in readme_commands("stack-participant") if "CERT_PATH" in command]
+    flat = " ".join(README.split())
+    assert f"`{line}`" in flat and "ending in `CERTIFICATE_VERIFY_FAILED`" in flat
 
 
 # %% A replica stops while participants log
