@@ -123,7 +123,9 @@ def check_old_store():
             try:
                 found = database.execute("SELECT artifact_location FROM experiments WHERE name = ?",
                                          ("demo-mlflow-artifacts",)).fetchone()
-            except sqlite3.Error:
+            except sqlite3.DatabaseError as error:
+                if "not a database" in str(error):
+                    return False, "mlflow.db is not a database: move it away (or delete it)"
                 found = None
         files_at = Path(url2pathname(urlparse(found[0]).path)) if found else HERE
         if HERE != files_at and HERE not in files_at.parents:

@@ -31,6 +31,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 EXPERIMENT_NAME = "demo-mlflow-artifacts"
@@ -73,8 +74,23 @@ print("Flags:", ", ".join(f"{name}={value}" for name, value in vars(args).items(
 def interrupted(signal_number, frame):
     # Ctrl-C: one line, not a traceback. Exiting still leaves the `with
     # mlflow.start_run()` block below, which marks a started run FAILED.
-    print("\nInterrupted. A run that had started is marked FAILED in MLflow.", file=sys.stderr)
+    global stopping
+    if not stopping:
+        active_run = getattr(sys.modules.get("mlflow"), "active_run", None)  # None until mlflow is imported
+        started = active_run is not None and active_run() is not None
+        print("\nInterrupted." + (" The run is marked FAILED in MLflow." if started else " No run had started."),
+              file=sys.stderr)
+    stopping = True
     sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
+
+
+def not_swallowed(unraisable):
+    # A Ctrl-C that lands in a clean-up callback is ignored there by Python:
+    # signal it again a moment later, to stop once out of the callback.
+    if stopping and unraisable.exc_type is SystemExit:
+        threading.Timer(0.01, signal.raise_signal, [signal.SIGINT]).start()
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 def disk_full_in_one_line(kind, error, traceback):
@@ -84,8 +100,10 @@ def disk_full_in_one_line(kind, error, traceback):
         sys.__excepthook__(kind, error, traceback)
 
 
+stopping = False
 if not IN_NOTEBOOK:  # in a notebook, the interrupt button stops only the cell
     signal.signal(signal.SIGINT, interrupted)
+    sys.unraisablehook = not_swallowed
     sys.excepthook = disk_full_in_one_line
 
 # %%

@@ -60,9 +60,12 @@ def open_local_store(project_dir, experiment_name):
         sys.exit(f"{mlruns} holds an older MLflow's runs (a file store). Rename that folder (say, to "
                  "mlruns-old), then run again. `mlflow migrate-filestore --source mlruns-old --target "
                  "sqlite:///old-runs.db` copies those runs into a database the UI opens.")
+    check(database, project_dir, experiment_name)  # before anything is written
     (mlruns / ".running").mkdir(parents=True, exist_ok=True)
     with closing(os_lock(mlruns / ".db-lock", wait=300)):  # runs started at once take turns here
-        build_or_check(database, project_dir, experiment_name)
+        tables, _, _ = read(database, experiment_name)
+        if not set(Base.metadata.tables) <= tables:
+            build(database, project_dir, tables)
         mlflow.set_tracking_uri(f"sqlite:///{database.as_posix()}")
         end_runs_of_dead_processes(mlruns / ".running")
         # This run's lock, taken while no other run can be looking at the locks.
@@ -72,29 +75,39 @@ def open_local_store(project_dir, experiment_name):
     return (mlruns / experiment_name).as_uri(), this_run.with_suffix(".run")
 
 
-def build_or_check(database, project_dir, experiment_name):
-    tables, holds_runs = set(), False
-    if database.exists():
-        try:
-            with closing(sqlite3.connect(database, timeout=60)) as db:
-                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                holds_runs = "runs" in tables and db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
-                files_at = set(Base.metadata.tables) <= tables and db.execute(
-                    "SELECT artifact_location FROM experiments WHERE name = ?", (experiment_name,)).fetchone()
-        except sqlite3.DatabaseError as error:
-            if "not a database" not in str(error):
-                raise
-            sys.exit(f"{database} is not a database. Move it away (or delete it), then run again.")
-        # A copied or moved folder: its mlflow.db still sends files to the old one.
-        if files_at and Path(url2pathname(urlparse(files_at[0]).path)) != project_dir / "mlruns" / experiment_name:
-            sys.exit(f"{database} keeps its files in {url2pathname(urlparse(files_at[0]).path)}, another folder. "
-                     "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
-    if set(Base.metadata.tables) <= tables:
-        return  # every table MLflow 3.17 needs is there
-    if holds_runs:  # MLflow would upgrade it silently, and for good
+def read(database, experiment_name):
+    """mlflow.db's tables, whether it holds runs, and where it keeps the
+    experiment's files (None if it has no such experiment)."""
+    if not database.exists():
+        return set(), False, None
+    try:
+        with closing(sqlite3.connect(database, timeout=60)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            holds_runs = "runs" in tables and db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+            found = set(Base.metadata.tables) <= tables and db.execute(
+                "SELECT artifact_location FROM experiments WHERE name = ?", (experiment_name,)).fetchone()
+    except sqlite3.DatabaseError as error:
+        if "not a database" not in str(error):
+            raise
+        sys.exit(f"{database} is not a database. Move it away (or delete it), then run again.")
+    return tables, holds_runs, Path(url2pathname(urlparse(found[0]).path)) if found else None
+
+
+def check(database, project_dir, experiment_name):
+    tables, holds_runs, files_at = read(database, experiment_name)
+    # A copied or moved folder: its mlflow.db still sends files to the old one.
+    if files_at and files_at != project_dir / "mlruns" / experiment_name:
+        sys.exit(f"{database} keeps its files in {files_at}, another folder. "
+                 "To start afresh here, delete mlflow.db and mlruns/ in this folder.")
+    if not set(Base.metadata.tables) <= tables and holds_runs:  # MLflow would upgrade it silently, for good
         sys.exit(f"{database} was made by an older MLflow. MLflow 3.17 can upgrade it, for good (the older "
                  f"MLflow cannot open it after): copy it first, then run `mlflow db upgrade "
                  f"sqlite:///{database.as_posix()}`. Or move it away to start afresh.")
+
+
+def build(database, project_dir, tables):
+    """Build MLflow's tables in another file, then move it into place, so that
+    a first run stopped half-way never leaves a half-built mlflow.db."""
     if tables:
         print(f"{database} is incomplete (a first run stopped half-way?) and holds no runs: building it again.")
     building = database.with_name("mlflow.db.building")

@@ -31,7 +31,8 @@ from conftest import (
 )
 
 MLFLOW_LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARNING) mlflow")
-INTERRUPTED = "Interrupted. A run that had started is marked FAILED in MLflow."
+# The one line of a Ctrl-C: after the run started, or before.
+INTERRUPTED = ["Interrupted. The run is marked FAILED in MLflow.", "Interrupted. No run had started."]
 INSTANTS = 10  # Ctrl-C instants, spread evenly over a run
 README_FLAT = " ".join(README.split())
 
@@ -125,11 +126,17 @@ def test_ctrl_c_at_any_instant(tmp_path, which):
         interrupted += 1
         code, out, err = finish(process)
         assert code == 130, (at, out, err)  # never swallowed
-        assert only_one_line(err) == [INTERRUPTED], (at, err)
+        lines = only_one_line(err)
+        assert len(lines) == 1 and lines[0] in INTERRUPTED, (at, err)
         before = statuses(workshop) if (workshop / "mlflow.db").exists() else {}
+        earlier = 1 if which == "later run" else 0
+        if lines[0] == INTERRUPTED[0]:  # "The run is marked FAILED": there is one
+            assert len(before) == earlier + 1 and "FAILED" in before.values(), (at, before)
+        else:  # "No run had started": there is none
+            assert len(before) == earlier, (at, before)
         next_run_works(workshop, before)
     print(f"\n{which}: {interrupted} of {INSTANTS} instants interrupted a {seconds:.1f} s run")
-    assert f"`{INTERRUPTED}`" in README_FLAT
+    assert all(f"`{line}`" in README_FLAT for line in INTERRUPTED)
     assert interrupted >= INSTANTS - 2
 
 
@@ -150,7 +157,7 @@ def test_stopped_while_the_first_run_builds_the_database(tmp_path, stop, delay):
     process.send_signal(stop)
     code, _, err = finish(process)
     if stop == signal.SIGINT:
-        assert code == 130 and only_one_line(err) == [INTERRUPTED], err
+        assert code == 130 and only_one_line(err) == [INTERRUPTED[1]], err  # before the run
     assert not (workshop / "mlflow.db").exists()
     result = next_run_works(workshop, {})
     assert not list(workshop.glob("mlflow.db.building*"))
@@ -171,22 +178,30 @@ def test_kill_9_mid_run_then_the_next_run_ends_it_killed(tmp_path):
 
 def test_a_run_in_another_terminal_is_left_alone(tmp_path):
     """A run that is alive (in another terminal) is not taken for a dead one,
-    however long it takes: here it is paused (SIGSTOP) while it is RUNNING."""
+    however long it takes: here a copy of demo.py that waits two minutes
+    inside its run, in the same folder."""
     workshop = make_workshop(tmp_path / "mlflow-workshop")
     assert run_demo(workshop, "--n-estimators", "10").returncode == 0
-    other = start_demo(workshop, "--n-estimators", "10")
+    source = (workshop / "demo.py").read_text()
+    marker = "        this_run_file.write_text(run.info.run_id)\n"
+    assert source.count(marker) == 1
+    (workshop / "slow_demo.py").write_text(source.replace(marker, marker + "        __import__('time').sleep(120)\n"))
+    slow = subprocess.Popen([sys.executable, str(workshop / "slow_demo.py"), "--n-estimators", "10"],
+                            cwd=tmp_path, env=learner_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: "RUNNING" in statuses(workshop).values(), other, "the other run started")
-        other.send_signal(signal.SIGSTOP)
+        wait_for(lambda: "RUNNING" in statuses(workshop).values() and list(workshop.glob("mlruns/.running/*.run")),
+                 slow, "the slow run started")
         result = run_demo(workshop, "--n-estimators", "10")
         assert result.returncode == 0, result.stderr
         assert "KILLED" not in result.stdout
         assert sorted(statuses(workshop).values()) == ["FINISHED", "FINISHED", "RUNNING"]
+        assert slow.poll() is None
     finally:
-        other.send_signal(signal.SIGCONT)
-        code, _, err = finish(other)
-    assert code == 0, err
-    assert sorted(statuses(workshop).values()) == ["FINISHED"] * 3
+        slow.send_signal(signal.SIGINT)
+        code, _, err = finish(slow)
+    assert code == 130, err
+    assert only_one_line(err) == [INTERRUPTED[0]]
+    assert sorted(statuses(workshop).values()) == ["FAILED", "FINISHED", "FINISHED"]
 
 
 # %% A full disk
