@@ -152,6 +152,14 @@ def test_an_old_mlflow_file_store_is_reported(tmp_path):
                                           "`mlflow ui` would show instead of mlflow.db: move the mlruns/ folder elsewhere")
 
 
+def test_a_file_that_is_not_a_database_is_reported(tmp_path):
+    folder = copy_of_checker(tmp_path / "workshop")
+    (folder / "mlflow.db").write_bytes(b"notes saved under the wrong name\n" * 50)
+    code, lines, _ = run_check(folder, "--ports", *map(str, free_ports(2)))
+    assert code == 1
+    assert lines["old files"] == ("FAIL", "mlflow.db is not a database: move it away (or delete it)")
+
+
 def test_an_mlflow_db_copied_from_another_folder_is_reported(tmp_path, demo_workshop):
     copy = tmp_path / "copied"
     shutil.copytree(demo_workshop["path"], copy)
