@@ -94,6 +94,7 @@ def not_swallowed(unraisable):
 
 
 def disk_full_in_one_line(kind, error, traceback):
+    # A full disk: one line that says what to do. Any other error: the usual traceback.
     if "No space left on device" in str(error) or "database or disk is full" in str(error):
         print(f"Stopped: the disk is full ({error}). Free some space, then run again.", file=sys.stderr)
     else:

@@ -74,6 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,12 +132,15 @@ def group_rss_mb(pgid):
     return total / 2**20
 
 
-def time_to_answer(command, cwd, env, path, log_path, timeout=300):
+@contextmanager
+def running(command, cwd, env, path, log_path, timeout=300):
     """Start a server command (a shell string, as typed in a terminal) in its own
-    process group; seconds until GET `path` answers 200, and the group's memory then."""
+    process group, on a free port, until GET `path` answers 200; yield the
+    seconds that took, the group's memory then, and the server's base URL.
+    The group is stopped at the end."""
     port = free_port()
     command = with_port(command, port)
-    url = f"http://127.0.0.1:{port}{path}"
+    base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         start = time.perf_counter()
         process = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=log,
@@ -146,40 +150,30 @@ def time_to_answer(command, cwd, env, path, log_path, timeout=300):
             if process.poll() is not None:
                 sys.exit(f"{command!r} exited with {process.returncode}:\n{Path(log_path).read_text()}")
             try:
-                if http("GET", url, timeout=2)[0] == 200:
-                    return time.perf_counter() - start, group_rss_mb(process.pid)
+                if http("GET", base + path, timeout=2)[0] == 200:
+                    break
             except OSError:
                 pass
             if time.perf_counter() - start > timeout:
-                sys.exit(f"{command!r} did not answer {url} in {timeout} s:\n{Path(log_path).read_text()}")
+                sys.exit(f"{command!r} did not answer {base + path} in {timeout} s:\n{Path(log_path).read_text()}")
             time.sleep(0.1)
+        yield time.perf_counter() - start, group_rss_mb(process.pid), base
     finally:
         stop_process_group(process, grace=15)
 
 
-def serving_figures(command, cwd, env, body, log_path, seconds=10.0, clients=8, timeout=300):
+def time_to_answer(command, cwd, env, path, log_path):
+    """Seconds until a server started with `command` answers GET `path`, and its memory then."""
+    with running(command, cwd, env, path, log_path) as (seconds, memory, _):
+        return seconds, memory
+
+
+def serving_figures(command, cwd, env, body, log_path, seconds=10.0, clients=8):
     """Start the serve command, then time POST /invocations with `body`: one
     client's latencies (ms), and the requests per second of `clients` at once."""
-    port = free_port()
-    command = with_port(command, port)
-    url = f"http://127.0.0.1:{port}/invocations"
     headers = {"Content-Type": "application/json"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.perf_counter() + timeout
-        while True:
-            if process.poll() is not None:
-                sys.exit(f"{command!r} exited with {process.returncode}:\n{Path(log_path).read_text()}")
-            try:
-                if http("GET", f"http://127.0.0.1:{port}/ping", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.perf_counter() > deadline:
-                sys.exit(f"{command!r} did not answer in {timeout} s:\n{Path(log_path).read_text()}")
-            time.sleep(0.1)
+    with running(command, cwd, env, "/ping", log_path) as (_, _, base):
+        url = f"{base}/invocations"
 
         def one_request():
             started = time.perf_counter()
@@ -207,8 +201,6 @@ def serving_figures(command, cwd, env, body, log_path, seconds=10.0, clients=8, 
             thread.join()
         per_second = sum(done) / (time.perf_counter() - started)
         return latencies, per_second
-    finally:
-        stop_process_group(process, grace=15)
 
 
 def in_process_predict_ms(model_uri, body, tracking_uri, repeats=300):

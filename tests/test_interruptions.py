@@ -159,7 +159,7 @@ def test_stopped_while_the_first_run_builds_the_database(tmp_path, stop, delay):
     if stop == signal.SIGINT:
         assert code == 130 and only_one_line(err) == [INTERRUPTED[1]], err  # before the run
     assert not (workshop / "mlflow.db").exists()
-    result = next_run_works(workshop, {})
+    next_run_works(workshop, {})
     assert not list(workshop.glob("mlflow.db.building*"))
 
 

@@ -512,16 +512,21 @@ def test_two_participants_record_the_same_data_at_one_instant(postgres, tmp_path
             assert cursor.fetchone() == (4,)
 
 
-def _wave(workshops, envs, flags):
-    """Each participant runs demo.py from their own copy, all at once."""
+def _wave(workshops, envs, flags, in_workshop=False, during=None):
+    """Each participant runs demo.py from their own copy, all at once: from the
+    folder above it, or from the workshop folder itself (`in_workshop`);
+    `during(processes)` runs while they work."""
     started = time.monotonic()
     processes = [
-        subprocess.Popen([sys.executable, str(workshop / "demo.py"), *flag_list], cwd=workshop.parent,
+        subprocess.Popen([sys.executable, str(workshop / "demo.py"), *flag_list],
+                         cwd=workshop if in_workshop else workshop.parent,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for workshop, env, flag_list in zip(workshops, envs, flags)
     ]
     outcomes = []
     try:
+        if during:
+            during(processes)
         for process in processes:
             remaining = max(1.0, LOAD_TIMEOUT - (time.monotonic() - started))
             stdout, stderr = process.communicate(timeout=remaining)

@@ -33,17 +33,18 @@ from conftest import (
     TEAM_STACK,
     VENV_BIN,
     free_port,
+    http,
     learner_env,
     make_workshop,
     printed_ids,
     readme_commands,
     readme_snippet,
     start_server,
-    stop_process_group,
     with_port,
 )
 from test_team_server import (
     ADMIN_PASSWORD,
+    _wave,
     README_DB_URL,
     basic_auth,
     check_run,
@@ -56,7 +57,6 @@ from test_team_server import (
 ROOM = "192.168.1.20"  # the guide's room address; the tests use 127.0.0.1
 PARTICIPANTS = 12
 FAILOVER_PARTICIPANTS = 6
-WAVE_TIMEOUT = 600
 
 
 def missing(tool):
@@ -106,6 +106,12 @@ def https(method, url, ca_file, body=None, headers=None, timeout=30):
         return error.code, error.read().decode(errors="replace")
 
 
+def s3_keys():
+    """The access and secret key of the guide's s3.json."""
+    identity = json.loads(readme_snippet("stack-s3-config"))["identities"][0]["credentials"][0]
+    return identity["accessKey"], identity["secretKey"]
+
+
 class Stack:
     """The guide's stack, started in `folder`; everything it started is in `stop`."""
 
@@ -115,11 +121,7 @@ class Stack:
         self.url = f"https://127.0.0.1:{ports['https']}"
         self.replicas = {}
 
-    # The object store and its keys
-    def s3_keys(self):
-        identity = json.loads(readme_snippet("stack-s3-config"))["identities"][0]["credentials"][0]
-        return identity["accessKey"], identity["secretKey"]
-
+    # The object store
     def rclone_env(self, s3_port=None):
         names = exported("stack-rclone")
         names["RCLONE_CONFIG_ROOM_ENDPOINT"] = f"http://127.0.0.1:{s3_port or self.ports['s3']}"
@@ -130,7 +132,7 @@ class Stack:
     def bucket_objects(self, s3_port=None):
         import boto3
 
-        access, secret = self.s3_keys()
+        access, secret = s3_keys()
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port or self.ports['s3']}",
                           aws_access_key_id=access, aws_secret_access_key=secret, region_name="us-east-1")
         keys = []
@@ -255,28 +257,11 @@ def stack(tmp_path_factory):
 
 
 def stack_wave(the_stack, workshops, flags, during=None):
-    """Participants run demo.py from their workshop folders, all at once;
-    `during(processes)` runs while they work."""
-    started = time.monotonic()
-    processes = []
-    for index, (workshop, flag_list) in enumerate(zip(workshops, flags)):
-        env = the_stack.participant_env(workshop, workshop.parent.name, f"{workshop.parent.name}-password")
-        processes.append(subprocess.Popen([sys.executable, "demo.py", *flag_list], cwd=workshop, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outcomes = []
-    try:
-        if during:
-            during(processes)
-        for process in processes:
-            remaining = max(1.0, WAVE_TIMEOUT - (time.monotonic() - started))
-            stdout, stderr = process.communicate(timeout=remaining)
-            outcomes.append((process.returncode, stdout, stderr))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return outcomes, time.monotonic() - started
+    """Participants run demo.py from their workshop folders (where they saved
+    room-ca.crt), all at once; `during(processes)` runs while they work."""
+    envs = [the_stack.participant_env(workshop, workshop.parent.name, f"{workshop.parent.name}-password")
+            for workshop in workshops]
+    return _wave(workshops, envs, flags, in_workshop=True, during=during)
 
 
 def participants(the_stack, tmp_path, count, prefix):
@@ -292,7 +277,7 @@ def participants(the_stack, tmp_path, count, prefix):
 def test_the_guide_is_consistent():
     """The keys in s3.json are the ones the servers and rclone use; every
     replica command and the participants' address are the guide's."""
-    access, secret = Stack.s3_keys(None)
+    access, secret = s3_keys()
     replica = exported("stack-replica")
     rclone = exported("stack-rclone")
     assert (replica["AWS_ACCESS_KEY_ID"], replica["AWS_SECRET_ACCESS_KEY"]) == (access, secret)
@@ -408,7 +393,6 @@ def test_a_replica_stops_while_participants_log(stack, tmp_path, monkeypatch):
     flags = [participant_flags(index) for index in range(FAILOVER_PARTICIPANTS)]
     client = stack.client(monkeypatch)
     before = {run.info.run_id for run in experiment_runs(client)}
-    stopped = {}
 
     def stop_a_replica(processes):
         deadline = time.monotonic() + 300
@@ -419,7 +403,6 @@ def test_a_replica_stops_while_participants_log(stack, tmp_path, monkeypatch):
         replica = stack.replicas["replica1"]
         os.killpg(replica.pid, signal.SIGINT)
         replica.wait(timeout=60)
-        stopped["at"] = time.monotonic()
 
     outcomes, seconds = stack_wave(stack, workshops, flags, during=stop_a_replica)
     for code, stdout, stderr in outcomes:
@@ -451,8 +434,7 @@ def snapshot(client, experiment_name="demo-mlflow-artifacts"):
             "artifacts": sorted(f.path for f in client.list_artifacts(run.info.run_id))
             + sorted(f.path for f in client.list_artifacts(run.info.run_id, "plots")),
         }
-    models = {model.model_id: (model.source_run_id, model.status.to_int() if hasattr(model.status, "to_int")
-                               else str(model.status),
+    models = {model.model_id: (model.source_run_id, str(model.status),
                                sorted(f.path for f in client.list_logged_model_artifacts(model.model_id)))
               for model in client.search_logged_models([experiment.experiment_id], max_results=1000)}
     versions = sorted((v.name, v.version, v.run_id, v.source) for v in client.search_model_versions())
@@ -511,8 +493,6 @@ def test_backup_restores_onto_a_fresh_database_and_object_store(stack, tmp_path,
         assert downloaded[0].read_bytes() == downloaded[1].read_bytes()
         assert downloaded[0].read_bytes().startswith(b"\x89PNG")
         # Accounts still log in, with their passwords.
-        from conftest import http
-
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
         assert http("GET", search, headers=basic_auth("r00", "r00-password"))[0] == 200
         assert http("GET", search, headers=basic_auth("r00", "wrong"))[0] == 401
