@@ -29,10 +29,10 @@ change the one assignment ``model = ...``: everything else follows from it.
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
+
+import clean_stop
 
 EXPERIMENT_NAME = "demo-mlflow-artifacts"
 IN_NOTEBOOK = "ipykernel" in sys.modules  # Jupyter, or the cells of VS Code or PyCharm
@@ -70,42 +70,8 @@ parser.add_argument("--seed", type=number_from(0, 2**32 - 1), default=42, help="
 args = parser.parse_args([] if IN_NOTEBOOK else None)
 print("Flags:", ", ".join(f"{name}={value}" for name, value in vars(args).items()))
 
-
-def interrupted(signal_number, frame):
-    # Ctrl-C: one line, not a traceback. Exiting still leaves the `with
-    # mlflow.start_run()` block below, which marks a started run FAILED.
-    global stopping
-    if not stopping:
-        active_run = getattr(sys.modules.get("mlflow"), "active_run", None)  # None until mlflow is imported
-        started = active_run is not None and active_run() is not None
-        print("\nInterrupted." + (" The run is marked FAILED in MLflow." if started else " No run had started."),
-              file=sys.stderr)
-    stopping = True
-    sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
-
-
-def not_swallowed(unraisable):
-    # A Ctrl-C that lands in a clean-up callback is ignored there by Python:
-    # signal it again a moment later, to stop once out of the callback.
-    if stopping and unraisable.exc_type is SystemExit:
-        threading.Timer(0.01, signal.raise_signal, [signal.SIGINT]).start()
-    else:
-        sys.__unraisablehook__(unraisable)
-
-
-def disk_full_in_one_line(kind, error, traceback):
-    # A full disk: one line that says what to do. Any other error: the usual traceback.
-    if "No space left on device" in str(error) or "database or disk is full" in str(error):
-        print(f"Stopped: the disk is full ({error}). Free some space, then run again.", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, error, traceback)
-
-
-stopping = False
 if not IN_NOTEBOOK:  # in a notebook, the interrupt button stops only the cell
-    signal.signal(signal.SIGINT, interrupted)
-    sys.unraisablehook = not_swallowed
-    sys.excepthook = disk_full_in_one_line
+    clean_stop.install()  # Ctrl+C or a full disk: one line, not a traceback (clean_stop.py)
 
 # %%
 # Load the data
@@ -371,8 +337,4 @@ Next, in a terminal in {PROJECT_DIR}:
        curl -X POST -H "Content-Type: application/json" --data @{serving_example} http://127.0.0.1:5001/invocations""")
 
 if not IN_NOTEBOOK:
-    # Everything is saved: leave at once. Python's own tidy-up of all that
-    # MLflow, pandas and scikit-learn loaded would add about a second, deaf to Ctrl-C.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    clean_stop.leave()  # everything is saved: exit at once, skipping Python's slow tidy-up

@@ -250,7 +250,7 @@ def main(argv=None):
         # matplotlib's first-time font cache.
         warm = root / "warm"
         warm.mkdir()
-        for name in ("demo.py", "local_store.py"):
+        for name in ("demo.py", "clean_stop.py", "local_store.py"):
             shutil.copy(REPO / name, warm / name)
         first = subprocess.run([python, str(warm / "demo.py")], cwd=root, env=env,
                                capture_output=True, text=True)
@@ -267,7 +267,7 @@ def main(argv=None):
         def run_cold(round_number):
             cold = root / f"cold-{round_number}"
             cold.mkdir()
-            for name in ("demo.py", "local_store.py"):
+            for name in ("demo.py", "clean_stop.py", "local_store.py"):
                 shutil.copy(REPO / name, cold / name)
             try:
                 return measure([python, str(cold / "demo.py")], root, env, root / "cold.log")

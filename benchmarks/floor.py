@@ -26,6 +26,7 @@ cells = DEMO.read_text(encoding="utf-8").split(CELL)
 fit_cell = next(index for index, cell in enumerate(cells) if "model.fit(" in cell)
 namespace = {"__name__": "__main__", "__file__": str(DEMO)}
 sys.argv = [str(DEMO)]  # demo.py's flags at their defaults
+sys.path.insert(0, str(DEMO.parent))  # demo.py imports clean_stop.py from its folder
 
 # The flags, the data and the fit, exactly as demo.py does them.
 exec(compile(CELL.join(cells[: fit_cell + 1]), str(DEMO), "exec"), namespace)

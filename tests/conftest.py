@@ -29,7 +29,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 # The instructor's guide to a room without good internet, linked from the README.
 ROOM_KIT = (REPO / "docs" / "room-kit.md").read_text(encoding="utf-8")
 TEAM_STACK = (REPO / "docs" / "team-stack.md").read_text(encoding="utf-8")
-WORKSHOP_FILES = ["demo.py", "local_store.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
+WORKSHOP_FILES = ["demo.py", "clean_stop.py", "local_store.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
 # What every run of demo.py logs as files: the run's artifacts and the logged
