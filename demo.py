@@ -28,13 +28,8 @@ change the one assignment ``model = ...``: everything else follows from it.
 # imports below, so `--help` and a typo answer at once.
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-import clean_stop
-
-EXPERIMENT_NAME = "demo-mlflow-artifacts"
 IN_NOTEBOOK = "ipykernel" in sys.modules  # Jupyter, or the cells of VS Code or PyCharm
 
 
@@ -69,6 +64,8 @@ parser.add_argument("--seed", type=number_from(0, 2**32 - 1), default=42, help="
 # In a notebook the command line belongs to Jupyter: the defaults are used.
 args = parser.parse_args([] if IN_NOTEBOOK else None)
 print("Flags:", ", ".join(f"{name}={value}" for name, value in vars(args).items()))
+
+import clean_stop
 
 if not IN_NOTEBOOK:  # in a notebook, the interrupt button stops only the cell
     clean_stop.install()  # Ctrl+C or a full disk: one line, not a traceback (clean_stop.py)
@@ -198,11 +195,15 @@ print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.c
 # Without MLFLOW_TRACKING_URI both are beside this file: the SQLite database
 # `mlflow.db` and the folder `mlruns/`. With it, both belong to that server.
 
+import os
+from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
 from mlflow.exceptions import MlflowException
+
+EXPERIMENT_NAME = "demo-mlflow-artifacts"
 
 # Beside this file, whatever folder it is started from (in a notebook: its folder).
 PROJECT_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
