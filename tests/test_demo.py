@@ -577,6 +577,9 @@ def test_readme_make_it_yours(tmp_path):
     assert tags["model_type"] == "LogisticRegression"
     assert {"logisticregression__C", "standardscaler__with_mean", "test_size", "seed"} <= set(run.data.params)
     assert f"`seed`: {len(run.data.params)} in all" in " ".join(README.split())
+    structure = {name for name in run.data.params if "__" not in name} - {"test_size", "seed"}
+    assert structure == {"steps", "memory", "transform_input", "verbose", "standardscaler", "logisticregression"}
+    assert "(`steps`, `memory`, `transform_input`, `verbose`, and each step as text)" in " ".join(README.split())
     balanced = run.data.metrics["balanced_accuracy"]
     assert f"\n  balanced_accuracy {balanced:.4f}\n" in result.stdout
     assert tags["purpose"] == "my first fork"
