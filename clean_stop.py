@@ -4,11 +4,11 @@ left RUNNING. You need not read this file to follow the workshop.
 * Ctrl-C stops the script (exit code 130) with one line that says where it
   was: before the run, during it (the run is then marked FAILED), or after it.
 * A Ctrl-C that lands while MLflow is in the middle of a call waits until that
-  call returns (log_model, the longest, takes about a second). Stopped
-  half-way, MLflow can leave mlflow.db locked, so that the run cannot be
-  marked FAILED, or catch the interruption itself and log on. If the call
-  takes longer (a server that does not answer), a line says so after two
-  seconds, and a second Ctrl-C stops at once.
+  call returns (the longest, building mlflow.db and saving the model, take
+  about a second). Stopped half-way, MLflow can leave mlflow.db locked, so
+  that the run cannot be marked FAILED, or catch the interruption itself and
+  log on. If the call takes longer (a server that does not answer), a line
+  says so after two seconds, and a second Ctrl-C stops at once.
 * Once the run is settled, the script exits at once (os._exit), as it does
   after a run that finished: Python's own tidy-up of all that MLflow, pandas
   and scikit-learn loaded would add about a second. Nothing is left to tidy:
