@@ -195,6 +195,7 @@ print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.c
 # Without MLFLOW_TRACKING_URI both are beside this file: the SQLite database
 # `mlflow.db` and the folder `mlruns/`. With it, both belong to that server.
 
+import getpass
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -204,11 +205,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 EXPERIMENT_NAME = "demo-mlflow-artifacts"
+owner = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()  # on a server, your account
 
 # Beside this file, whatever folder it is started from (in a notebook: its folder).
 PROJECT_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 server_uri = os.environ.get("MLFLOW_TRACKING_URI")
 if server_uri:
+    EXPERIMENT_NAME += f"-{owner}"  # on a shared server, an experiment of your own, which only you can change
     # MLflow retries a failed request for minutes, which looks like a hang at a
     # laptop; a few quick retries still ride out a busy server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -245,7 +248,6 @@ print(f"Logging to experiment '{EXPERIMENT_NAME}' in {where}")
 # `with` block belongs to it. Leaving the block ends the run: FINISHED on
 # success, FAILED if anything inside raises, Ctrl-C included.
 
-import getpass
 import re
 import warnings
 from importlib.metadata import version
@@ -270,7 +272,6 @@ with mlflow.start_run(run_name=run_name, description=description) as run:
     mlflow.log_metrics(metrics)
 
     # Tags: free-form labels for finding and grouping runs later.
-    owner = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()  # on a server, your account
     mlflow.set_tags({"model_type": model_type, "dataset": "sklearn breast_cancer", "owner": owner})
 
     # Datasets: a fingerprint (digest) and schema, to tell if two runs saw the same rows.

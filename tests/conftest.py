@@ -29,6 +29,9 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 # The instructor's guide to a room without good internet, linked from the README.
 ROOM_KIT = (REPO / "docs" / "room-kit.md").read_text(encoding="utf-8")
 TEAM_STACK = (REPO / "docs" / "team-stack.md").read_text(encoding="utf-8")
+# The admin's side of the single shared server (issue 15 moves it out of the README).
+TEAM_SERVER_PAGE = REPO / "docs" / "team-server.md"
+TEAM_SERVER = TEAM_SERVER_PAGE.read_text(encoding="utf-8") if TEAM_SERVER_PAGE.exists() else ""
 WORKSHOP_FILES = ["demo.py", "clean_stop.py", "local_store.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -50,7 +53,7 @@ MODEL_FILES = [
 def readme_snippet(name):
     """The code block that follows `<!-- snippet: NAME -->` in README.md, or
     in the guides it links to, docs/room-kit.md and docs/team-stack.md."""
-    for text in (README, ROOM_KIT, TEAM_STACK):
+    for text in (README, ROOM_KIT, TEAM_STACK, TEAM_SERVER):
         match = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```[a-z]*\n(.*?)```", text, re.DOTALL)
         if match:
             return match.group(1)
