@@ -250,8 +250,7 @@ def main(argv=None):
         # matplotlib's first-time font cache.
         warm = root / "warm"
         warm.mkdir()
-        for name in ("demo.py", "clean_stop.py", "local_store.py"):
-            shutil.copy(REPO / name, warm / name)
+        shutil.copy(REPO / "demo.py", warm / "demo.py")
         first = subprocess.run([python, str(warm / "demo.py")], cwd=root, env=env,
                                capture_output=True, text=True)
         if first.returncode != 0:
@@ -267,8 +266,7 @@ def main(argv=None):
         def run_cold(round_number):
             cold = root / f"cold-{round_number}"
             cold.mkdir()
-            for name in ("demo.py", "clean_stop.py", "local_store.py"):
-                shutil.copy(REPO / name, cold / name)
+            shutil.copy(REPO / "demo.py", cold / "demo.py")
             try:
                 return measure([python, str(cold / "demo.py")], root, env, root / "cold.log")
             finally:

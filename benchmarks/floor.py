@@ -26,7 +26,6 @@ cells = DEMO.read_text(encoding="utf-8").split(CELL)
 fit_cell = next(index for index, cell in enumerate(cells) if "model.fit(" in cell)
 namespace = {"__name__": "__main__", "__file__": str(DEMO)}
 sys.argv = [str(DEMO)]  # demo.py's flags at their defaults
-sys.path.insert(0, str(DEMO.parent))  # demo.py imports clean_stop.py from its folder
 
 # The flags, the data and the fit, exactly as demo.py does them.
 exec(compile(CELL.join(cells[: fit_cell + 1]), str(DEMO), "exec"), namespace)
@@ -36,8 +35,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 later = ast.parse(CELL.join(cells[fit_cell + 1:]))
-imports = [node for node in ast.walk(later) if isinstance(node, (ast.Import, ast.ImportFrom))
-           and getattr(node, "module", None) != "local_store"]  # the local store is tracking: not floor
+imports = [node for node in ast.walk(later) if isinstance(node, (ast.Import, ast.ImportFrom))]
 exec(compile(ast.Module(body=imports, type_ignores=[]), str(DEMO), "exec"), namespace)
 
 # The model's files, as `log_model` writes them, without a run.

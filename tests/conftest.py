@@ -26,13 +26,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
-# The instructor's guide to a room without good internet, linked from the README.
-ROOM_KIT = (REPO / "docs" / "room-kit.md").read_text(encoding="utf-8")
-TEAM_STACK = (REPO / "docs" / "team-stack.md").read_text(encoding="utf-8")
-# The admin's side of the single shared server (issue 15 moves it out of the README).
-TEAM_SERVER_PAGE = REPO / "docs" / "team-server.md"
-TEAM_SERVER = TEAM_SERVER_PAGE.read_text(encoding="utf-8") if TEAM_SERVER_PAGE.exists() else ""
-WORKSHOP_FILES = ["demo.py", "clean_stop.py", "local_store.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
+# The README and the pages it links to under docs/ (room kit, team server and
+# stack, troubleshooting): each command they show is read from them by the tests.
+PAGES = {path.relative_to(REPO).as_posix(): path.read_text(encoding="utf-8")
+         for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
+WORKSHOP_FILES = ["demo.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
 # What every run of demo.py logs as files: the run's artifacts and the logged
@@ -52,12 +50,17 @@ MODEL_FILES = [
 
 def readme_snippet(name):
     """The code block that follows `<!-- snippet: NAME -->` in README.md, or
-    in the guides it links to, docs/room-kit.md and docs/team-stack.md."""
-    for text in (README, ROOM_KIT, TEAM_STACK, TEAM_SERVER):
+    in a page it links to under docs/."""
+    for text in PAGES.values():
         match = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```[a-z]*\n(.*?)```", text, re.DOTALL)
         if match:
             return match.group(1)
     raise AssertionError(f"no code block marked <!-- snippet: {name} --> in README.md or docs/*.md")
+
+
+def flat(text):
+    """A page's text with its line breaks and runs of spaces folded, to find a phrase in it."""
+    return " ".join(text.split())
 
 
 def readme_commands(name):

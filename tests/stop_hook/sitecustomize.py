@@ -1,0 +1,67 @@
+"""Stops demo.py at a chosen database call, for tests/test_interruptions.py.
+
+Python imports this file at start-up when its folder is on PYTHONPATH. It does
+nothing unless DEMO_STOP is set, to one of:
+
+  SIGNAL:FUNCTION:K  the signal arrives as the K-th SQL statement after
+                     demo.py calls mlflow.FUNCTION begins (inside SQLAlchemy);
+                     FUNCTION may be dotted: sklearn.log_model;
+  SIGNAL:build:K     the signal arrives as the K-th SQL statement of the Python
+                     that builds mlflow.db's tables on a first run begins.
+
+SIGINT goes to the whole process group, as a terminal's Ctrl+C does (the test
+starts demo.py in a group of its own); SIGKILL too (the builder dies as well);
+any other signal to demo.py alone. DEMO_MEET=FOLDER:N makes each builder wait,
+at its first statement, until N builders have arrived: first runs at once.
+DEMO_COUNT=FILE writes how many statements were seen after FUNCTION began.
+"""
+
+import os
+import signal
+import sys
+import time
+
+stop = os.environ.get("DEMO_STOP")
+meet = os.environ.get("DEMO_MEET")
+building = sys.argv[:1] == ["-c"]  # demo.py builds mlflow.db with `python -c ...`
+if stop or meet:
+    import sqlalchemy
+
+    signal_name, function, at = (stop or "NONE:build:0").split(":")
+    seen = {"armed": building and function == "build", "count": 0}
+
+    @sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "before_cursor_execute")
+    def before_statement(*args):
+        if building and meet and seen["count"] == 0:
+            folder, many = meet.rsplit(":", 1)
+            open(os.path.join(folder, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + 120
+            while len(os.listdir(folder)) < int(many) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if not seen["armed"]:
+            return
+        seen["count"] += 1
+        if seen["count"] == int(at):
+            number = getattr(signal, signal_name)
+            if number in (signal.SIGINT, signal.SIGKILL):
+                os.killpg(os.getpgrp(), number)
+            else:
+                os.kill(os.getpid(), number)
+
+    if not building and function != "build":
+        import atexit
+        import importlib
+
+        def arm(original):
+            def armed(*args, **kwargs):
+                seen["armed"] = True
+                return original(*args, **kwargs)
+            return armed
+
+        # mlflow.FUNCTION, and the same function where MLflow calls it itself (end_run)
+        where, _, name = f"mlflow.{function}".rpartition(".")
+        for module in {importlib.import_module(where), importlib.import_module("mlflow.tracking.fluent")}:
+            if hasattr(module, name):
+                setattr(module, name, arm(getattr(module, name)))
+        if os.environ.get("DEMO_COUNT"):
+            atexit.register(lambda: open(os.environ["DEMO_COUNT"], "w").write(str(seen["count"])))
