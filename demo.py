@@ -1,11 +1,11 @@
 """Train a classifier on breast cancer data and track it with MLflow, end to end.
 
-A random forest learns to tell malignant from benign tumours and is scored on
-tumours it never saw (accuracy about 0.95). MLflow records the run: params,
-metrics, tags, datasets, plots, a report and the model, in `mlflow.db` and
-`mlruns/` beside this file, or on the server that `MLFLOW_TRACKING_URI` names.
-Run `python demo.py` (`--help` lists the flags), or its `# %%` cells one at a
-time in VS Code, PyCharm or Jupyter. To try another model, change `model = ...`.
+A random forest learns to tell malignant from benign tumours, scored on tumours
+it never saw (accuracy about 0.95). MLflow records params, metrics, tags, data,
+plots, a report and the model, in `mlflow.db` and `mlruns/` beside this file (or
+on the server `MLFLOW_TRACKING_URI` names). Run `python demo.py --help`, or run
+the `# %%` cells one by one in Jupyter or VS Code. To try another model, change
+`model = ...`.
 """
 
 # %%
@@ -103,7 +103,6 @@ print(f"{len(X_train)} tumours to train on, {len(X_test)} held out to test, {X_t
 # as `GridSearchCV(...)`. Everything below follows from the `model` object.
 
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.pipeline import Pipeline
 
 model = RandomForestClassifier(
     n_estimators=args.n_estimators,
@@ -114,7 +113,7 @@ model = RandomForestClassifier(
 model.fit(X_train, y_train)
 
 # Its name in the run: its class (a pipeline's last step's), and the model it wraps, if any.
-final = model[-1] if isinstance(model, Pipeline) else model
+final = model[-1] if hasattr(model, "steps") else model
 inner = final.get_params().get("estimator")  # GridSearchCV(RandomForestClassifier), say
 model_type = type(final).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
 print(f"Trained on {len(X_train)} tumours: {model}")  # shows the settings that differ from the defaults
@@ -154,10 +153,10 @@ import matplotlib.pyplot as plt
 from sklearn.inspection import permutation_importance
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
-confusion_fig, ax = plt.subplots(figsize=(5, 4.5))
+confusion_fig, ax = plt.subplots(figsize=(5, 4.5), layout="constrained")
 ConfusionMatrixDisplay.from_predictions(y_test, y_pred, display_labels=class_names, cmap="Blues", ax=ax)
 ax.set_title(f"Confusion matrix (test set)\n{model_type}")
-roc_fig, ax = plt.subplots(figsize=(5, 4.5))
+roc_fig, ax = plt.subplots(figsize=(5, 4.5), layout="constrained")
 RocCurveDisplay.from_estimator(model, X_test, y_test, name=model_type, plot_chance_level=True, ax=ax)
 ax.set_title("ROC curve (test set), positive class 1: benign")
 
@@ -168,14 +167,12 @@ ax.set_title("ROC curve (test set), positive class 1: benign")
 importance = permutation_importance(model, X_test, y_test, scoring="roc_auc", n_repeats=3, random_state=args.seed)
 ranked = importance.importances_mean.argsort()[::-1]  # the measurements, most important first
 top = ranked[:15][::-1]  # the top 15, drawn bottom up
-importance_fig, ax = plt.subplots(figsize=(7, 5.5))
+importance_fig, ax = plt.subplots(figsize=(7, 5.5), layout="constrained")
 ax.barh(X_test.columns[top], importance.importances_mean[top], xerr=importance.importances_std[top])
 ax.set_title(f"Permutation importance, top 15 (test set)\n{model_type}")
 ax.set_xlabel("Drop in ROC AUC when the measurement is shuffled")
 figures = {"plots/confusion_matrix.png": confusion_fig, "plots/roc_curve.png": roc_fig,
            "plots/permutation_importance.png": importance_fig}
-for figure in figures.values():
-    figure.tight_layout()
 print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.columns[ranked[:3]])}")
 
 # %%
@@ -312,8 +309,11 @@ if server_uri:
 else:  # the stores are local: start the UI and serve the model from this folder
     example = f"mlruns/{EXPERIMENT_NAME}/models/{model_info.model_id}/artifacts/serving_input_example.json"
     print(f"""
-Next, in terminals in {PROJECT_DIR}:
-  the UI:       export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false   (PowerShell: $env:MLFLOW_SERVER_ENABLE_JOB_EXECUTION = "false")
-                mlflow ui --port 5000 --workers 1   then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}
-  the model:    mlflow models serve -m {model_info.model_uri} --env-manager local --port 5001
-  predictions:  curl -X POST -H "Content-Type: application/json" --data @{example} http://127.0.0.1:5001/invocations""")
+Next, in a terminal in {PROJECT_DIR}:
+  1. Start the MLflow UI, then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}
+       export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false   (PowerShell: $env:MLFLOW_SERVER_ENABLE_JOB_EXECUTION = "false")
+       mlflow ui --port 5000 --workers 1
+  2. Serve the model (in a second terminal):
+       mlflow models serve -m {model_info.model_uri} --env-manager local --port 5001
+  3. Ask it for predictions (in a third):
+       curl -X POST -H "Content-Type: application/json" --data @{example} http://127.0.0.1:5001/invocations""")

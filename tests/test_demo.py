@@ -5,11 +5,8 @@ import json
 import platform
 import re
 import shutil
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,6 +19,8 @@ from sklearn.model_selection import train_test_split
 
 from conftest import (
     MODEL_FILES,
+    README,
+    REPO,
     PLOTS,
     REPORT,
     expected_params,
@@ -97,7 +96,6 @@ def test_run_has_params_metrics_tags_and_description(demo_workshop):
 
 def test_readme_quotes_the_default_metrics(demo_workshop):
     """The README says what a first run scores; that must stay true."""
-    from conftest import README
 
     (run,) = demo_runs(demo_workshop["path"])
     prose = " ".join(README.split())  # the README's text, whatever its line breaks
@@ -310,7 +308,6 @@ def test_a_copied_folder_stops_before_logging_and_writes_nothing_elsewhere(tmp_p
 
 
 def test_readme_shows_the_real_usage_error(demo_workshop):
-    from conftest import README
 
     result = run_demo(demo_workshop["path"], "--n-estimators", "-5")
     last_line = result.stderr.strip().splitlines()[-1]
@@ -350,6 +347,52 @@ def test_exception_mid_run_ends_the_run_failed(tmp_path):
     assert run.info.end_time is not None
     # What was logged before the failure is kept.
     assert run.data.params["n_estimators"] == "100"
+
+
+# %% One file, ended by Python's normal exit
+
+
+def test_demo_py_copied_alone_into_an_empty_folder(tmp_path):
+    """demo.py needs no other file of this repository: copied alone into an
+    empty folder and started from another, it runs and logs beside itself."""
+    import ast
+
+    tree = ast.parse((REPO / "demo.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not [name for name in imported if (REPO / f"{name}.py").exists() or (REPO / name).is_dir()]
+    project, elsewhere = tmp_path / "my-project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(REPO / "demo.py", project / "demo.py")
+    result = run_demo(project, "--n-estimators", "10", cwd=elsewhere)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(path.name for path in project.iterdir()) == ["demo.py", "mlflow.db", "mlruns"]
+    assert list(elsewhere.iterdir()) == []
+    (run,) = demo_runs(project)
+    assert run.info.status == "FINISHED"
+
+
+FORK_TAIL = """
+import atexit
+
+notes = open(PROJECT_DIR / "notes.txt", "w")  # never closed: Python flushes it as it exits
+notes.write(f"run {run_id}\\n")
+atexit.register(lambda: (PROJECT_DIR / "atexit.txt").write_text("the hook ran"))
+"""
+
+
+def test_a_fork_s_atexit_hook_and_unclosed_file(tmp_path):
+    """demo.py ends through Python's normal exit: a fork's atexit hook runs,
+    and a file it never closed is flushed."""
+    workshop = make_workshop(tmp_path / "fork")
+    (workshop / "demo.py").write_text((workshop / "demo.py").read_text() + FORK_TAIL)
+    result = run_demo(workshop, "--n-estimators", "10")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id, _ = printed_ids(result.stdout)
+    assert (workshop / "notes.txt").read_text() == f"run {run_id}\n"
+    assert (workshop / "atexit.txt").read_text() == "the hook ran"
 
 
 # %% Flags answer at once
@@ -434,6 +477,12 @@ def test_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path):
     (run,) = demo_runs(workshop)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.params == expected_params()
+    # What MLflow records as a notebook run's source, as the README says: the
+    # kernel, and no git commit (though this kernel's Python lies in a git clone).
+    assert run.data.tags["mlflow.source.type"] == "NOTEBOOK"
+    assert Path(run.data.tags["mlflow.source.name"]).name == "ipykernel_launcher.py"
+    assert "mlflow.source.git.commit" not in run.data.tags
+    assert "`mlflow.source.type` is `NOTEBOOK`" in " ".join(README.split())
     assert {item.path for item in MlflowClient(f"sqlite:///{workshop / 'mlflow.db'}").list_artifacts(run_id, "plots")} \
         == set(PLOTS)
 
@@ -524,7 +573,6 @@ def test_readme_make_it_yours(tmp_path):
     """The README's three changes to demo.py, made where it says, in a git
     clone: the swapped model, a metric, a tag and a file, and what MLflow
     records by itself."""
-    from conftest import README
 
     # The learner's clone, and the README's way to fork it beside the original.
     original = make_workshop(tmp_path / "mlflow-workshop")
