@@ -26,10 +26,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
-# The README and the pages it links to under docs/ (room kit, team server and
-# stack, troubleshooting): each command they show is read from them by the tests.
+# The README and the pages it links to: docs/ (room kit, team server and stack,
+# troubleshooting, serving) and CONTRIBUTING.md. The tests read each command
+# they show from them.
 PAGES = {path.relative_to(REPO).as_posix(): path.read_text(encoding="utf-8")
-         for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
+         for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "CONTRIBUTING.md"]
+         if path.exists()}
 WORKSHOP_FILES = ["demo.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 
