@@ -216,6 +216,31 @@ def with_port(command, port):
     return changed
 
 
+# What each test module needs beyond Python (the markers of pytest.ini); a test
+# that mounts a tmpfs or makes a network namespace needs root.
+MODULE_MARKS = {"test_ui_browser.py": ["browser"], "test_tracking_server.py": ["server"],
+                "test_team_server.py": ["server"], "test_team_stack.py": ["stack", "root"]}
+ROOT_FIXTURES = {"tmpfs", "small_disk"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for mark in MODULE_MARKS.get(item.path.name, []):
+            item.add_marker(mark)
+        if ROOT_FIXTURES & set(item.fixturenames):
+            item.add_marker("root")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test fails: CI must prove every step."""
+    report = yield
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true: {report.longrepr}"
+    return report
+
+
 @pytest.fixture(scope="session")
 def demo_workshop(tmp_path_factory):
     """A workshop folder in which `python demo.py` (the README's command) has run once."""
