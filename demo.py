@@ -283,9 +283,11 @@ with mlflow.start_run(run_name=run_name, description=description) as run:
     # away a malformed request; the input example becomes a ready-made request
     # body, serving_input_example.json. Its requirements pin what loading it
     # needs, the package behind each class in it too (lightgbm for LGBMClassifier).
-    found = packages_distributions()  # {module: [the packages that install it]}
-    packages = {"mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas"} | {package for part in [
-        model, *model.get_params().values()] for package in found.get(type(part).__module__.split(".")[0], [])}
+    packages = {"mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas"}
+    for part in [model, *model.get_params().values()]:  # the model, and each model or setting inside it
+        module = type(part).__module__.split(".")[0]
+        if module not in ("sklearn", "numpy", "builtins"):  # from another package: find which
+            packages.update(packages_distributions().get(module, []))
     model_info = mlflow.sklearn.log_model(
         model, name="model", signature=infer_signature(X_test, y_pred), input_example=X_test.head(3),
         pip_requirements=sorted(f"{package}=={version(package)}" for package in packages),
