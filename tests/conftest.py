@@ -219,8 +219,15 @@ def with_port(command, port):
 # What each test module needs beyond Python (the markers of pytest.ini); a test
 # that mounts a tmpfs or makes a network namespace needs root.
 MODULE_MARKS = {"test_ui_browser.py": ["browser"], "test_tracking_server.py": ["server"],
-                "test_team_server.py": ["server"], "test_team_stack.py": ["stack", "root"]}
+                "test_team_server.py": ["server"], "test_team_stack.py": ["stack", "root"],
+                "test_interruptions.py": ["slow"]}
 ROOT_FIXTURES = {"tmpfs", "small_disk"}
+# Tests that take more than about half a minute on a 2-core machine, or run demo.py many times.
+SLOW_TESTS = {"test_a_fork_changes_one_expression", "test_room_kit_sets_up_a_laptop_with_no_network",
+              "test_readme_more_runs_each_add_a_run_with_their_flags", "test_readme_make_it_yours",
+              "test_runs_cell_by_cell_in_a_jupyter_kernel", "test_readme_ui_with_the_database_named_from_another_folder",
+              "test_ctrl_c_stops_the_ui_and_the_runs_are_safe", "test_readme_rest_snippets_find_the_runs_by_the_experiment_name",
+              "test_second_run_with_same_flags_gives_same_metrics"}
 
 
 def pytest_collection_modifyitems(items):
@@ -229,6 +236,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(mark)
         if ROOT_FIXTURES & set(item.fixturenames):
             item.add_marker("root")
+        if item.originalname in SLOW_TESTS:
+            item.add_marker("slow")
 
 
 @pytest.hookimpl(wrapper=True)
