@@ -19,11 +19,13 @@ from sklearn.model_selection import train_test_split
 
 from conftest import (
     MODEL_FILES,
+    PAGES,
     README,
     REPO,
     PLOTS,
     REPORT,
     expected_params,
+    flat,
     learner_env,
     make_workshop,
     printed_ids,
@@ -98,10 +100,11 @@ def test_readme_quotes_the_default_metrics(demo_workshop):
     """The README says what a first run scores; that must stay true."""
 
     (run,) = demo_runs(demo_workshop["path"])
-    prose = " ".join(README.split())  # the README's text, whatever its line breaks
-    assert "accuracy about 0.95" in prose and "ROC AUC about 0.99" in prose
-    assert round(run.data.metrics["accuracy"], 2) == 0.95
-    assert round(run.data.metrics["roc_auc"], 2) == 0.99
+    prose = flat(README)
+    accuracy = re.search(r"accuracy about (\d\.\d\d)", prose).group(1)
+    roc_auc = re.search(r"ROC AUC about (\d\.\d\d)", prose).group(1)
+    assert f"{run.data.metrics['accuracy']:.2f}" == accuracy
+    assert f"{run.data.metrics['roc_auc']:.2f}" == roc_auc
 
 
 def test_training_and_test_data_are_logged_as_datasets(demo_workshop):
@@ -311,7 +314,7 @@ def test_readme_shows_the_real_usage_error(demo_workshop):
 
     result = run_demo(demo_workshop["path"], "--n-estimators", "-5")
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line in README
+    assert f"`{last_line}`" in flat(README)
 
 
 # %% Failures in the middle of a run end it FAILED, never RUNNING
@@ -482,7 +485,8 @@ def test_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path):
     assert run.data.tags["mlflow.source.type"] == "NOTEBOOK"
     assert Path(run.data.tags["mlflow.source.name"]).name == "ipykernel_launcher.py"
     assert "mlflow.source.git.commit" not in run.data.tags
-    assert "`mlflow.source.type` is `NOTEBOOK`" in " ".join(README.split())
+    page = flat(PAGES["docs/make-it-yours.md"])
+    assert "`NOTEBOOK`" in page and "`ipykernel_launcher.py`" in page
     assert {item.path for item in MlflowClient(f"sqlite:///{workshop / 'mlflow.db'}").list_artifacts(run_id, "plots")} \
         == set(PLOTS)
 
@@ -570,9 +574,10 @@ def test_a_fork_changes_one_expression(tmp_path, expression, imports, model_type
 
 
 def test_readme_make_it_yours(tmp_path):
-    """The README's three changes to demo.py, made where it says, in a git
-    clone: the swapped model, a metric, a tag and a file, and what MLflow
-    records by itself."""
+    """The three changes to demo.py that the README and docs/make-it-yours.md
+    make, where they say, in a git clone: the swapped model, a metric, a tag
+    and a file, and what MLflow records by itself."""
+    page = flat(PAGES["docs/make-it-yours.md"])
 
     # The learner's clone, and the README's way to fork it beside the original.
     original = make_workshop(tmp_path / "mlflow-workshop")
@@ -589,7 +594,7 @@ def test_readme_make_it_yours(tmp_path):
     source = source.replace(assignment, readme_snippet("fork-model").strip())
     # "just before `report = ...`", and "right after `mlflow.log_text(report, ...)`"
     before, after = "report = classification_report(", '    mlflow.log_text(report, "classification_report.txt")\n'
-    assert "just before\n`report = ...`" in README and f"right after `{after.strip()}`" in README
+    assert "`report = ...`" in page and f"`{after.strip()}`" in page  # the places the page names
     assert source.count(before) == 1 and source.count(after) == 1
     source = source.replace(before, readme_snippet("fork-metric") + "\n" + before)
     source = source.replace(after, after + readme_snippet("fork-tag-and-file"))
@@ -607,10 +612,10 @@ def test_readme_make_it_yours(tmp_path):
     tags = run.data.tags
     assert tags["model_type"] == "LogisticRegression"
     assert {"logisticregression__C", "standardscaler__with_mean", "test_size", "seed"} <= set(run.data.params)
-    assert f"`seed`: {len(run.data.params)} in all" in " ".join(README.split())
+    assert re.search(r"(\d+) params in all", page).group(1) == str(len(run.data.params))
     structure = {name for name in run.data.params if "__" not in name} - {"test_size", "seed"}
     assert structure == {"steps", "memory", "transform_input", "verbose", "standardscaler", "logisticregression"}
-    assert "(`steps`, `memory`, `transform_input`, `verbose`, and each step as text)" in " ".join(README.split())
+    assert all(f"`{name}`" in page for name in ("steps", "memory", "transform_input", "verbose"))
     balanced = run.data.metrics["balanced_accuracy"]
     assert f"\n  balanced_accuracy {balanced:.4f}\n" in result.stdout
     assert tags["purpose"] == "my first fork"

@@ -23,7 +23,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import README, REPO, learner_env, make_workshop, readme_commands, readme_snippet
+from conftest import PAGES, README, REPO, flat, learner_env, make_workshop, readme_commands, readme_snippet
 
 LOCK = REPO / "requirements-lock.txt"
 
@@ -41,7 +41,7 @@ def lock_pins():
 
 
 def test_lock_is_made_from_requirements_txt_as_the_readme_says():
-    """The lock's header is the README's refresh command, and every package of
+    """The lock's header is CONTRIBUTING.md's refresh command, and every package of
     requirements.txt is pinned, for every Python, to a version it accepts."""
     install_uv, compile_command = readme_commands("refresh-lock")
     assert install_uv == "python -m pip install uv"
@@ -110,9 +110,11 @@ def test_a_ready_laptop_passes_every_check(tmp_path):
     assert all(status == "ok" for status, _ in lines.values()), lines
     assert lines["packages"][1] == "every package matches requirements-lock.txt"
     assert last == "Ready for the workshop."
-    # The README's picture of a ready laptop: the same checks in the same order,
-    # and the same words where they do not depend on the laptop.
-    sample = re.search(r"On a ready laptop:\s*```text\n(.*?)```", README, re.DOTALL).group(1).splitlines()
+    assert f"`{last}`" in flat(README)  # the line the README says a ready laptop ends with
+    # The troubleshooting page's picture of a ready laptop: the same checks in the
+    # same order, and the same words where they do not depend on the laptop.
+    page = PAGES["docs/troubleshooting.md"]
+    sample = re.search(r"On\s+a\s+ready\s+laptop:\s*```text\n(.*?)```", page, re.DOTALL).group(1).splitlines()
     assert [line.split()[1] for line in sample[:-1]] == ["python", "packages", "ports", "folder", "disk", "old"]
     assert sample[-1] == last
     for line in sample:

@@ -25,7 +25,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import (README, REPO, free_port, make_workshop, printed_ids, readme_commands, readme_snippet,
+from conftest import (README, REPO, flat, free_port, make_workshop, printed_ids, readme_commands, readme_snippet,
                       run_demo, start_server, with_port)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -103,7 +103,7 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
     # The UI, started as the README says, on a free port instead of 5000.
     ui_command = readme_snippet("ui")  # a two-line shell script
     port = free_port()
-    readme_url = re.search(r"open <(http://127\.0\.0\.1:\d+)>", README).group(1)
+    readme_url = re.search(r"open <(http://127\.0\.0\.1:\d+)>", flat(README)).group(1)
     base_url = readme_url.rsplit(":", 1)[0] + f":{port}"
     requests, page_errors = [], []
     with start_server(with_port(ui_command, port), cwd=workshop, ready_url=f"{base_url}/health"), \
