@@ -130,9 +130,10 @@ def aws_noise(folder):
 
 
 @contextmanager
-def object_store(folder, ports, https_port):
+def object_store(folder, ports, https_port, stops_on_ctrl_c=True):
     """The guide's `weed server` lines, with the test's ports. Stopped as the
-    guide says: Ctrl+C (SIGINT to its process group), and it must exit."""
+    guide says: Ctrl+C (SIGINT to its process group), and it must exit (unless
+    a test left it in a state the guide warns against: stops_on_ctrl_c=False)."""
     script = room_address(with_weed_ports(readme_snippet("stack-object-store"), ports), https_port)
     for name in GUIDE_WEED_PORTS:
         assert f"-{name}.port={ports[name]}" in script, (name, script)
@@ -154,7 +155,7 @@ def object_store(folder, ports, https_port):
         yield process
     finally:
         stopped = None
-        if process.poll() is None:
+        if process.poll() is None and stops_on_ctrl_c:
             os.killpg(process.pid, signal.SIGINT)
             try:
                 stopped = process.wait(timeout=180)
@@ -169,7 +170,7 @@ def object_store(folder, ports, https_port):
         for port in [ports[name] + offset for name in GUIDE_WEED_PORTS for offset in (0, 10000)]:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
-        assert stopped is not None, "SeaweedFS did not stop on Ctrl+C (SIGINT)"
+        assert stopped is not None or not stops_on_ctrl_c, "SeaweedFS did not stop on Ctrl+C (SIGINT)"
 
 
 class Stack(Room):
@@ -395,8 +396,10 @@ def test_the_stack_s_secrets_are_files_only_the_admin_can_read(stack, pair):
 @pytest.mark.slow
 def test_seaweedfs_stops_on_ctrl_c_and_not_on_kill(tmp_path):
     """`kill`'s default signal (SIGTERM) stops SeaweedFS's filer but not the
-    process, which then can no longer store a file; Ctrl+C (SIGINT) stops it
-    (the object_store helper checks that)."""
+    process, which then can no longer store a file. That SeaweedFS may not
+    stop on a later Ctrl+C either (CI saw it run on for 3 minutes), so the test
+    ends it with SIGKILL; the stack's own fixtures check that Ctrl+C stops a
+    SeaweedFS that was never sent SIGTERM."""
     import boto3
 
     needs_the_stack()
@@ -406,7 +409,7 @@ def test_seaweedfs_stops_on_ctrl_c_and_not_on_kill(tmp_path):
         keys = read_env_file(folder / "room.env")
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3']}", region_name="us-east-1",
                           aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
-        with object_store(folder, ports, 443) as shell:
+        with object_store(folder, ports, 443, stops_on_ctrl_c=False) as shell:
             s3.create_bucket(Bucket="mlflow")
             s3.put_object(Bucket="mlflow", Key="before.txt", Body=b"stored")
             import psutil
