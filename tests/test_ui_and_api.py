@@ -3,7 +3,6 @@
 import json
 import re
 import os
-from pathlib import Path
 import shlex
 import shutil
 import signal
@@ -16,6 +15,7 @@ from mlflow import MlflowClient
 
 from conftest import (
     README,
+    flat,
     free_port,
     http,
     learner_env,
@@ -114,7 +114,7 @@ def test_readme_rest_snippets_find_the_runs_by_the_experiment_name(tmp_path):
     with start_server(with_port(readme_snippet("ui"), port), workshop, f"{base}/health", log_name="ui.log"):
         experiment = readme_curl_json("rest-experiment", base)["experiment"]
         assert experiment["name"] == "demo-mlflow-artifacts" and experiment["experiment_id"] == "2"
-        assert '"experiment_id": "1"' in " ".join(README.split())  # the answer the README shows
+        assert '"experiment_id": "1"' in flat(README)  # the answer the README shows
         runs = readme_curl_json("rest-api", base, **{'["1"]': f'["{experiment["experiment_id"]}"]'})["runs"]
     assert [r["info"]["run_id"] for r in runs] == [run_id]
 
@@ -158,9 +158,9 @@ def test_readme_load_model_lines_work_in_the_folder(demo_workshop):
     """The README's `mlflow.sklearn.load_model("models:/<model_id>")` and
     `mlflow.pyfunc.load_model(...)`, in a Python started in the folder with
     no tracking URI set: MLflow finds ./mlflow.db by itself."""
-    flat = " ".join(README.split())
-    sklearn_line = re.search(r'`(mlflow\.sklearn\.load_model\("models:/<model_id>"\))`', flat).group(1)
-    assert "`mlflow.pyfunc.load_model(...)`" in flat
+    readme = flat(README)
+    sklearn_line = re.search(r'`(mlflow\.sklearn\.load_model\("models:/<model_id>"\))`', readme).group(1)
+    assert "`mlflow.pyfunc.load_model(...)`" in readme
     model_uri = f"models:/{demo_workshop['model_id']}"
     code = "\n".join([
         "import mlflow",
@@ -178,24 +178,20 @@ def test_readme_load_model_lines_work_in_the_folder(demo_workshop):
 
 
 def test_readme_ui_with_the_database_named_from_another_folder(demo_workshop, tmp_path):
-    """`mlflow ui --backend-store-uri sqlite:///path/to/mlflow.db`, started in
-    another folder with a relative path, and with the README's absolute form
-    (four slashes), shows the workshop's runs."""
-    flat = " ".join(README.split())
-    command = re.search(r"`(mlflow ui --backend-store-uri sqlite:///path/to/mlflow\.db)`", flat).group(1)
-    absolute = re.search(r"`(sqlite:////home/you/mlflow-workshop/mlflow\.db)`", flat).group(1)
+    """The README's `mlflow ui --backend-store-uri sqlite:////home/you/...`
+    (an absolute path, four slashes), started in another folder with the
+    workshop's path in place of the example's, shows the workshop's runs."""
+    command = re.search(r"`(mlflow ui --backend-store-uri sqlite:////home/you/mlflow-workshop/mlflow\.db)`", flat(README)).group(1)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     database = demo_workshop["path"] / "mlflow.db"
-    relative = Path(os.path.relpath(database, elsewhere)).as_posix()
-    for uri in [f"sqlite:///{relative}", absolute.replace("/home/you/mlflow-workshop/mlflow.db", str(database))]:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        with start_server(f"{command.replace('sqlite:///path/to/mlflow.db', uri)} --port {port}", elsewhere,
-                          f"{base}/health", log_name="ui.log"):
-            status, body = http("POST", f"{base}/api/2.0/mlflow/runs/search",
-                                json.dumps({"experiment_ids": ["1"]}),  # the only experiment there
-                                {"Content-Type": "application/json"})
-        assert status == 200, body
-        assert demo_workshop["run_id"] in {run["info"]["run_id"] for run in json.loads(body)["runs"]}, uri
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with start_server(f"{command.replace('/home/you/mlflow-workshop/mlflow.db', str(database))} --port {port}",
+                      elsewhere, f"{base}/health", log_name="ui.log"):
+        status, body = http("POST", f"{base}/api/2.0/mlflow/runs/search",
+                            json.dumps({"experiment_ids": ["1"]}),  # the only experiment there
+                            {"Content-Type": "application/json"})
+    assert status == 200, body
+    assert demo_workshop["run_id"] in {run["info"]["run_id"] for run in json.loads(body)["runs"]}
     assert not (elsewhere / "mlflow.db").exists()
