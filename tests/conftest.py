@@ -139,10 +139,20 @@ def printed_ids(stdout):
     return run_id, model_id
 
 
+def free_ports(count):
+    """Ports that nothing listens on now, all different (bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def http(method, url, body=None, headers=None, timeout=30):

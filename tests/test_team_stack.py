@@ -28,6 +28,7 @@ import pytest
 
 from conftest import (
     MODEL_FILES,
+    flat,
     PLOTS,
     README,
     REPO,
@@ -259,7 +260,7 @@ def test_the_guide_is_consistent():
     assert "-s3.port=8333" in readme_snippet("stack-object-store")
     assert "rclone --config rclone.conf mkdir room:mlflow" in readme_snippet("stack-bucket")
     assert re.findall(r"server 127\.0\.0\.1:(\d+)", readme_snippet("stack-nginx-upstream")) == ["5001", "5002"]
-    assert "--port 5002" in " ".join(PAGES["docs/team-stack.md"].split())
+    assert "--port 5002" in flat(PAGES["docs/team-stack.md"])
     (install,) = [line for line in readme_commands("stack-install") if "pip install" in line]
     dev = (REPO / "requirements-dev.txt").read_text().splitlines()
     for requirement in re.findall(r'"([^"]+)"', install):

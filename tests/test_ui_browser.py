@@ -51,9 +51,7 @@ def browser_or_skip():
         problem = "the playwright package is missing: python -m pip install -r requirements-dev.txt"
     if problem is None and not Path(CHROMIUM).is_file():
         problem = "no Chromium found: install Debian's with `apt-get install chromium`"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must walk the UI, but {problem}")
+    if problem:  # a failure under CI=true (conftest.py)
         pytest.skip(f"UI walk skipped, {problem}")
     return playwright.sync_api
 
