@@ -1,18 +1,17 @@
 """Train a classifier on breast cancer data and track it with MLflow, end to end.
 
-A random forest learns to tell malignant from benign tumours, scored on tumours
-it never saw (accuracy about 0.95). MLflow records params, metrics, tags, data,
-plots, a report and the model, in `mlflow.db` and `mlruns/` beside this file (or
-on the server `MLFLOW_TRACKING_URI` names). Run `python demo.py --help`, or run
-the `# %%` cells one by one in Jupyter or VS Code. To try another model, change
-`model = ...`.
+A random forest learns to tell malignant from benign tumours, scored on tumours it never saw
+(accuracy about 0.95). MLflow records params, metrics, tags, data, plots, a report and the
+model, in `mlflow.db` and `mlruns/` beside this file (or on the server `MLFLOW_TRACKING_URI`
+names). Run `python demo.py --help`, or run the `# %%` cells one by one in Jupyter or VS Code.
+To try another model, change `model = ...`.
 """
 
 # %%
 # Settings
 # --------
-# Every choice that changes the result is a flag, so that each run records what
-# produced it. They are read before the heavy imports, so a typo answers at once.
+# Every choice that changes the result is a flag, so that each run records what produced it.
+# They are read before the heavy imports, so a typo answers at once.
 
 import argparse
 import signal
@@ -22,9 +21,9 @@ IN_NOTEBOOK = "ipykernel" in sys.modules  # Jupyter, or the cells of VS Code or 
 
 
 def number_from(low, high, kind=int):
-    """An argparse type: a number from low to high ("ten" gets argparse's "invalid int value")."""
+    """An argparse type for a number from low to high."""
     def parse(text):
-        if not low <= kind(text) <= high:
+        if not low <= kind(text) <= high:  # kind("ten") fails first: argparse's "invalid int value"
             raise argparse.ArgumentTypeError(f"{text} is not between {low} and {high}")
         return kind(text)
     parse.__name__ = kind.__name__
@@ -55,10 +54,9 @@ def stopped(kind, error, traceback):
             if mlflow:
                 mlflow.end_run("FAILED")  # a run still active: stopped inside start_run, before `with` took over
                 run = mlflow.last_active_run()
-                if run and run.info.status == "RUNNING":  # stopped inside end_run, after it had let go of the run
+                if run and run.info.status == "RUNNING":  # stopped inside end_run, after it let go of the run
                     mlflow.MlflowClient().set_terminated(run.info.run_id, "FAILED")
-                    run = mlflow.last_active_run()
-                where = f"the run is {run.info.status}" if run else where
+                where = f"the run is {mlflow.last_active_run().info.status}" if run else where
         except Exception as problem:  # its store is out of reach
             where = f"the run's status is unknown ({problem})"
         print(f"\nInterrupted: {where}.", file=sys.stderr)
@@ -68,8 +66,8 @@ def stopped(kind, error, traceback):
         sys.__excepthook__(kind, error, traceback)
 
 
-# Ctrl+C, a closed terminal (SIGHUP) and `kill` (SIGTERM) stop the script with
-# a KeyboardInterrupt, which ends a run in progress FAILED.
+# Ctrl+C, a closed terminal (SIGHUP) and `kill` (SIGTERM) all stop the script with a
+# KeyboardInterrupt, which ends a run in progress FAILED.
 STOP_SIGNALS = [getattr(signal, name) for name in ["SIGINT", "SIGTERM", "SIGHUP"] if hasattr(signal, name)]
 if not IN_NOTEBOOK:  # a notebook shows errors its own way, and its stop button stops only a cell
     sys.excepthook = stopped
@@ -79,9 +77,9 @@ if not IN_NOTEBOOK:  # a notebook shows errors its own way, and its stop button 
 # %%
 # Load the data
 # -------------
-# Each row is one tumour, 30 measurements; the target is 0 (malignant) or 1
-# (benign). A test set is held out that the model never sees while training,
-# with the same share of each class as the whole (`stratify`).
+# Each row is one tumour, 30 measurements; the target is 0 (malignant) or 1 (benign). A test
+# set is held out that the model never sees while training, with the same share of each class
+# as the whole (`stratify`).
 
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
@@ -95,12 +93,11 @@ print(f"{len(X_train)} tumours to train on, {len(X_test)} held out to test, {X_t
 # %%
 # Choose and train the model
 # --------------------------
-# A random forest is many decision trees voting together. More trees are
-# steadier but slower; deeper trees fit the training data more closely. To try
-# another model, replace the expression after `model =` and import its class:
-# any scikit-learn classifier, alone, in a pipeline such as
-# `make_pipeline(StandardScaler(), LogisticRegression())`, or in a search such
-# as `GridSearchCV(...)`. Everything below follows from the `model` object.
+# A random forest is many decision trees voting together. More trees are steadier but slower;
+# deeper trees fit the training data more closely. To try another model, replace the expression
+# after `model =` and import its class: any scikit-learn classifier, alone, in a pipeline such as
+# `make_pipeline(StandardScaler(), LogisticRegression())`, or in a search such as
+# `GridSearchCV(...)`. Everything below follows from the `model` object.
 
 from sklearn.ensemble import RandomForestClassifier
 
@@ -111,39 +108,35 @@ model = RandomForestClassifier(
     random_state=args.seed,  # each tree sees random rows and features: seed them
 )
 model.fit(X_train, y_train)
+print(f"Trained on {len(X_train)} tumours: {model}")  # shows the settings that differ from the defaults
 
 # Its name in the run: its class (a pipeline's last step's), and the model it wraps, if any.
 final = model[-1] if hasattr(model, "steps") else model
 inner = final.get_params().get("estimator")  # GridSearchCV(RandomForestClassifier), say
 model_type = type(final).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
-print(f"Trained on {len(X_train)} tumours: {model}")  # shows the settings that differ from the defaults
 
 # %%
 # Evaluate on the held-out test set
 # ---------------------------------
-# Scores on the training data would flatter the model. Accuracy is the share of
-# test tumours labelled right. Precision, recall and f1 are about class 1,
-# "benign": recall 0.97 means 97% of the benign tumours were called benign.
-# ROC AUC (0.5 is a coin toss, 1.0 perfect) asks how well the model ranks benign
-# above malignant, from `predict_proba` (or `decision_function`).
+# Scores on the training data would flatter the model. Accuracy is the share of test tumours
+# labelled right. Precision, recall and f1 are about class 1, "benign": recall 0.97 means 97% of
+# the benign tumours were called benign. ROC AUC (0.5 is a coin toss, 1.0 perfect) asks how well
+# the model ranks benign above malignant, from `predict_proba` (or `decision_function`).
 
-from sklearn.metrics import accuracy_score, classification_report, f1_score, get_scorer, precision_score, recall_score
+from sklearn.metrics import classification_report, get_scorer
 
 y_pred = model.predict(X_test)
-metrics = {"accuracy": accuracy_score(y_test, y_pred), "roc_auc": get_scorer("roc_auc")(model, X_test, y_test),
-           "precision": precision_score(y_test, y_pred), "recall": recall_score(y_test, y_pred),
-           "f1": f1_score(y_test, y_pred)}
+# Each scorer asks the model for what it needs: labels (accuracy), or scores to rank by (roc_auc).
+metrics = {name: get_scorer(name)(model, X_test, y_test) for name in ["accuracy", "roc_auc", "precision", "recall", "f1"]}
 report = classification_report(y_test, y_pred, target_names=class_names, digits=3)
 print(f"{model_type} on the {len(X_test)} test tumours:")
-for name, value in metrics.items():
-    print(f"  {name:<17} {value:.4f}")
-print(report)
+print("\n".join(f"  {name:<17} {value:.4f}" for name, value in metrics.items()), report, sep="\n")
 
 # %%
 # Plot the results
 # ----------------
-# Which tumours were labelled right or wrong, how well the scores rank them at
-# every threshold, and which measurements the model relies on.
+# Which tumours were labelled right or wrong, how well the scores rank them at every
+# threshold, and which measurements the model relies on.
 
 import matplotlib
 
@@ -160,10 +153,9 @@ roc_fig, ax = plt.subplots(figsize=(5, 4.5), layout="constrained")
 RocCurveDisplay.from_estimator(model, X_test, y_test, name=model_type, plot_chance_level=True, ax=ax)
 ax.set_title("ROC curve (test set), positive class 1: benign")
 
-# Permutation importance shuffles one measurement at a time in the test set and
-# sees how much ROC AUC drops: it works for any model, on unseen data.
-# Measurements that go together (radius, perimeter, area) stand in for each
-# other: read a small bar as "replaceable", not "useless".
+# Permutation importance shuffles one measurement at a time in the test set and sees how much
+# ROC AUC drops: it works for any model, on unseen data. Measurements that go together (radius,
+# perimeter, area) stand in for each other: read a small bar as "replaceable", not "useless".
 importance = permutation_importance(model, X_test, y_test, scoring="roc_auc", n_repeats=3, random_state=args.seed)
 ranked = importance.importances_mean.argsort()[::-1]  # the measurements, most important first
 top = ranked[:15][::-1]  # the top 15, drawn bottom up
@@ -178,10 +170,10 @@ print(f"Drew {len(figures)} plots. The model relies most on: {', '.join(X_test.c
 # %%
 # Choose where to log
 # -------------------
-# MLflow keeps run metadata (experiments, runs, params, metrics, tags) in a
-# *backend store*, and files (plots, reports, models) in an *artifact store*.
-# Without MLFLOW_TRACKING_URI both are beside this file: the SQLite database
-# `mlflow.db` and the folder `mlruns/`. With it, both belong to that server.
+# MLflow keeps run metadata (experiments, runs, params, metrics, tags) in a *backend store*, and
+# files (plots, reports, models) in an *artifact store*. Without MLFLOW_TRACKING_URI both are
+# beside this file: the SQLite database `mlflow.db` and the folder `mlruns/`. With it, both
+# belong to that server.
 
 import contextlib
 import getpass
@@ -223,8 +215,8 @@ if not server_uri:
     # MLflow logs a failed database call with its traceback; the error raised says enough (a full disk: one line).
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-# An experiment groups the runs of one problem. The first run creates it, with
-# its files in mlruns/ beside this file (set_experiment alone: the current folder).
+# An experiment groups the runs of one problem. The first run creates it, with its files in
+# mlruns/ beside this file (set_experiment alone would put them in the current folder).
 try:
     if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
         with contextlib.suppress(mlflow.MlflowException):  # another run may create it at this instant
@@ -240,9 +232,9 @@ print(f"Logging to experiment '{EXPERIMENT_NAME}' in {server_uri or PROJECT_DIR}
 # %%
 # Log the run
 # -----------
-# A run is one execution of this script; everything logged inside the `with`
-# block belongs to it. Leaving the block ends the run: FINISHED on success,
-# FAILED if anything inside raises, Ctrl+C included.
+# A run is one execution of this script; everything logged inside the `with` block belongs to
+# it. Leaving the block ends the run: FINISHED on success, FAILED if anything inside raises,
+# Ctrl+C included.
 
 import re
 import warnings
@@ -259,8 +251,8 @@ description = (f"{model_type} telling malignant from benign tumours in scikit-le
 chosen = getattr(model, "best_estimator_", model)  # a search (GridSearchCV) refits the best settings it found
 
 with mlflow.start_run(run_name=run_name, description=description) as run:
-    # Params: what produced the run. get_params() lists every setting of the
-    # model, defaults included: they can change between scikit-learn versions.
+    # Params: what produced the run. get_params() lists every setting of the model, defaults
+    # included: they can change between scikit-learn versions.
     mlflow.log_params({**chosen.get_params(), "test_size": args.test_size, "seed": args.seed})
     # Metrics: how the run went. The UI sorts, charts and compares runs by them.
     mlflow.log_metrics(metrics)
@@ -279,10 +271,10 @@ with mlflow.start_run(run_name=run_name, description=description) as run:
     plt.close("all")
     mlflow.log_text(report, "classification_report.txt")
 
-    # The model. Its signature (input columns, output type) lets a server turn
-    # away a malformed request; the input example becomes a ready-made request
-    # body, serving_input_example.json. Its requirements pin what loading it
-    # needs, the package behind each class in it too (lightgbm for LGBMClassifier).
+    # The model. Its signature (input columns, output type) lets a server turn away a malformed
+    # request; the input example becomes a ready-made request body, serving_input_example.json.
+    # Its requirements pin what loading it needs, the package behind each class in it too
+    # (lightgbm for LGBMClassifier).
     packages = {"mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas"}
     for part in [model, *model.get_params().values()]:  # the model, and each model or setting inside it
         module = type(part).__module__.split(".")[0]
@@ -291,10 +283,10 @@ with mlflow.start_run(run_name=run_name, description=description) as run:
     model_info = mlflow.sklearn.log_model(
         model, name="model", signature=infer_signature(X_test, y_pred), input_example=X_test.head(3),
         pip_requirements=sorted(f"{package}=={version(package)}" for package in packages),
-        # MLflow 3 saves scikit-learn models with skops, not pickle: loading a
-        # pickle runs whatever code it holds, while skops rebuilds only the types
-        # it trusts. It lists those it does not trust by default (for a forest,
-        # each tree's compiled class); we built this model, so we trust those.
+        # MLflow 3 saves scikit-learn models with skops, not pickle: loading a pickle runs
+        # whatever code it holds, while skops rebuilds only the types it trusts. It lists those
+        # it does not trust by default (for a forest, each tree's compiled class); we built
+        # this model, so we trust those.
         skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(model)),
     )
 
