@@ -244,11 +244,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         for mark in MODULE_MARKS.get(item.path.name, []):
             item.add_marker(mark)
-        if item.path.name in ("test_team_server.py", "test_team_stack.py"):
-            # With `-n 2 --dist loadgroup` (pytest.ini), the two room modules run one
-            # after the other on one worker, beside everything else on the other: a
-            # room's servers and waves share the machine with one stream of demo runs.
-            item.add_marker(pytest.mark.xdist_group("room"))
         if ROOT_FIXTURES & set(item.fixturenames):
             item.add_marker("root")
         if item.originalname in SLOW_TESTS:
