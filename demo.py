@@ -265,7 +265,10 @@ with mlflow.start_run(run_name=run_name, description=description) as run:
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")  # our 0/1 target has no gaps
     for rows, labels, context in [(X_train, y_train, "training"), (X_test, y_test, "testing")]:
         dataset = mlflow.data.from_pandas(rows.assign(target=labels), name=f"breast_cancer_{context}", targets="target")
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except mlflow.MlflowException:  # another run here logged the same data at this instant: it is there now
+            mlflow.log_input(dataset, context=context)
     # Artifacts: any files. They go to the artifact store, not the database.
     for artifact_path, figure in figures.items():
         mlflow.log_figure(figure, artifact_path)

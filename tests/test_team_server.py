@@ -731,13 +731,22 @@ def test_two_participants_record_the_same_data_at_one_instant(room, tmp_path, mo
 @pytest.mark.slow
 def test_participants_at_once_on_a_new_local_store(tmp_path):
     """4 runs of demo.py at once in one fresh folder: the first-time creation of
-    mlflow.db and of the experiment happens under a race, and all 4 runs land.
+    mlflow.db and of the experiment happens under a race, and so does the
+    logging of the same data by two of them; all 4 runs land.
     The README's registry snippet then names the best default-split run."""
     from mlflow import MlflowClient
 
     workshop = make_workshop(tmp_path / "mlflow-workshop")
     flags = [participant_flags(index) for index in range(LOCAL_PARTICIPANTS)]
-    outcomes, seconds = wave([workshop] * LOCAL_PARTICIPANTS, [learner_env()] * LOCAL_PARTICIPANTS, flags)
+    # The runs with the same split log the same data: the stop hook holds each run
+    # at its 10th statement in log_input, the insert of the training data, until
+    # all have come, so that each has looked for that data and found none.
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    env = learner_env(PYTHONPATH=str(REPO / "tests" / "stop_hook"), DEMO_STOP="MEET:log_input:10",
+                      DEMO_MEET=f"{meeting}:{LOCAL_PARTICIPANTS}")
+    outcomes, seconds = wave([workshop] * LOCAL_PARTICIPANTS, [env] * LOCAL_PARTICIPANTS, flags)
+    assert len(os.listdir(meeting)) == LOCAL_PARTICIPANTS
     client = MlflowClient(tracking_uri=f"sqlite:///{workshop / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)

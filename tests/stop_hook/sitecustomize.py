@@ -11,8 +11,10 @@ nothing unless DEMO_STOP is set, to one of:
 
 SIGINT goes to the whole process group, as a terminal's Ctrl+C does (the test
 starts demo.py in a group of its own); SIGKILL too (the builder dies as well);
-any other signal to demo.py alone. DEMO_MEET=FOLDER:N makes each builder wait,
-at its first statement, until N builders have arrived: first runs at once.
+any other signal to demo.py alone. With DEMO_MEET=FOLDER:N, the SIGNAL MEET
+makes each process wait at that statement until N processes have arrived
+there: runs that do the same thing at one instant. DEMO_MEET alone means
+MEET:build:1, builders meeting at their first statement (first runs at once).
 DEMO_COUNT=FILE writes how many statements were seen after FUNCTION began.
 """
 
@@ -21,27 +23,27 @@ import signal
 import sys
 import time
 
-stop = os.environ.get("DEMO_STOP")
 meet = os.environ.get("DEMO_MEET")
+stop = os.environ.get("DEMO_STOP") or ("MEET:build:1" if meet else None)
 building = sys.argv[:1] == ["-c"]  # demo.py builds mlflow.db with `python -c ...`
-if stop or meet:
+if stop:
     import sqlalchemy
 
-    signal_name, function, at = (stop or "NONE:build:0").split(":")
+    signal_name, function, at = stop.split(":")
     seen = {"armed": building and function == "build", "count": 0}
 
     @sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "before_cursor_execute")
     def before_statement(*args):
-        if building and meet and seen["count"] == 0:
+        if not seen["armed"]:
+            return
+        seen["count"] += 1
+        if seen["count"] == int(at) and signal_name == "MEET":
             folder, many = meet.rsplit(":", 1)
             open(os.path.join(folder, str(os.getpid())), "w").close()
             deadline = time.monotonic() + 120
             while len(os.listdir(folder)) < int(many) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        if not seen["armed"]:
-            return
-        seen["count"] += 1
-        if seen["count"] == int(at):
+        elif seen["count"] == int(at):
             number = getattr(signal, signal_name)
             if number in (signal.SIGINT, signal.SIGKILL):
                 os.killpg(os.getpgrp(), number)
