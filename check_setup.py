@@ -131,7 +131,7 @@ def check_old_store():
         if HERE != files_at and HERE not in files_at.parents:
             return False, (f"mlflow.db was made in another folder (its files go to {files_at}): "
                            "delete mlflow.db and mlruns/ here to start afresh")
-    return True, "no old MLflow files in this folder"
+    return True, "nothing in this folder that MLflow would misread"
 
 
 def main():
