@@ -232,8 +232,6 @@ MODULE_MARKS = {"test_ui_browser.py": ["browser"], "test_tracking_server.py": ["
                 "test_team_server.py": ["server"], "test_team_stack.py": ["stack", "root"],
                 "test_interruptions.py": ["slow"]}
 ROOT_FIXTURES = {"tmpfs", "small_disk"}
-# The module-scoped fixtures: a room, a server, a model, an old MLflow.
-MODULE_FIXTURES = {"room", "stack", "ui", "server", "model_dir", "mlflow_2"}
 # Tests that take more than about half a minute on a 2-core machine, or run demo.py many times.
 SLOW_TESTS = {"test_a_fork_changes_one_expression", "test_room_kit_sets_up_a_laptop_with_no_network",
               "test_readme_more_runs_each_add_a_run_with_their_flags", "test_readme_make_it_yours",
@@ -242,15 +240,10 @@ SLOW_TESTS = {"test_a_fork_changes_one_expression", "test_room_kit_sets_up_a_lap
               "test_second_run_with_same_flags_gives_same_metrics"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         for mark in MODULE_MARKS.get(item.path.name, []):
             item.add_marker(mark)
-        if MODULE_FIXTURES & set(item.fixturenames):
-            # A module's fixture is built once for the tests that use it (a room, a
-            # server): on several workers (pytest.ini's -n), they all run on one.
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
         if ROOT_FIXTURES & set(item.fixturenames):
             item.add_marker("root")
         if item.originalname in SLOW_TESTS:
