@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Stops or holds demo.py at a chosen database call (see its docstring).
+STOP_HOOK = REPO / "tests" / "stop_hook"
 README = (REPO / "README.md").read_text(encoding="utf-8")
 # The README and the pages it links to: docs/ (room kit, team server and stack,
 # troubleshooting, serving) and CONTRIBUTING.md. The tests read each command

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PAGES, REPO, flat, free_port, http, learner_env, make_workshop, readme_snippet, run_demo, \
+from conftest import PAGES, STOP_HOOK, flat, free_port, http, learner_env, make_workshop, readme_snippet, run_demo, \
     start_server, with_port
 
 MLFLOW_LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARNING) mlflow")
 TROUBLESHOOTING = flat(PAGES["docs/troubleshooting.md"])
-STOP_HOOK = REPO / "tests" / "stop_hook"
 
 
 def statuses(workshop):

@@ -29,6 +29,7 @@ from conftest import (
     PAGES,
     README,
     REPO,
+    STOP_HOOK,
     WORKSHOP_FILES,
     free_port,
     http,
@@ -743,7 +744,7 @@ def test_participants_at_once_on_a_new_local_store(tmp_path):
     # all have come, so that each has looked for that data and found none.
     meeting = tmp_path / "meeting"
     meeting.mkdir()
-    env = learner_env(PYTHONPATH=str(REPO / "tests" / "stop_hook"), DEMO_STOP="MEET:log_input:10",
+    env = learner_env(PYTHONPATH=str(STOP_HOOK), DEMO_STOP="MEET:log_input:10",
                       DEMO_MEET=f"{meeting}:{LOCAL_PARTICIPANTS}")
     outcomes, seconds = wave([workshop] * LOCAL_PARTICIPANTS, [env] * LOCAL_PARTICIPANTS, flags)
     assert len(os.listdir(meeting)) == LOCAL_PARTICIPANTS
