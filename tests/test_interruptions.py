@@ -138,17 +138,18 @@ def test_ctrl_c_while_a_server_never_answers(tmp_path):
 # %% The first run, which builds mlflow.db
 
 
-@pytest.mark.parametrize("signal_name, at", [("SIGINT", 1), ("SIGINT", 700), ("SIGKILL", 40), ("SIGKILL", 1400)])
-def test_stopped_while_the_first_run_builds_the_database(tmp_path, signal_name, at):
+def test_stopped_while_the_first_run_builds_the_database(tmp_path):
     """Ctrl+C or kill -9 while MLflow builds the tables, early or late: no
     mlflow.db is left (the tables were being built aside), and the next run
-    builds it and finishes, without help."""
+    builds it and finishes, without help. Each first run starts from what the
+    one stopped before it left (a killed builder's half-built file, say)."""
     workshop = make_workshop(tmp_path / "mlflow-workshop")
-    code, out, err = stopped_demo(workshop, f"{signal_name}:build:{at}")
-    assert code == -getattr(signal, signal_name), err
-    if signal_name == "SIGINT":
-        assert own_lines(err) == ["Interrupted: no run had started."], err
-    assert not (workshop / "mlflow.db").exists()
+    for signal_name, at in [("SIGINT", 1), ("SIGINT", 700), ("SIGKILL", 40), ("SIGKILL", 1400)]:
+        code, out, err = stopped_demo(workshop, f"{signal_name}:build:{at}")
+        assert code == -getattr(signal, signal_name), (signal_name, at, err)
+        if signal_name == "SIGINT":
+            assert own_lines(err) == ["Interrupted: no run had started."], (at, err)
+        assert not (workshop / "mlflow.db").exists(), (signal_name, at)
     next_run_works(workshop, {})
 
 
@@ -218,22 +219,25 @@ def fill(disk, leave_bytes):
     return ballast
 
 
-# How much room is left when a run starts: not enough for the plots; for the
-# model's records in mlflow.db; for the model's files and the run's end.
-@pytest.mark.parametrize("kilobytes", [100, 150, 250])
-def test_a_full_disk_ends_in_one_line_and_the_next_run_works(tmpfs, kilobytes):
+def test_a_full_disk_ends_in_one_line_and_the_next_run_works(tmpfs):
+    """Runs that start with too little room left: not enough for the plots; for
+    the model's records in mlflow.db; for the model's files and the run's end.
+    Each says so in one line, each starts from the store the one before left,
+    and once there is room again the next run works, with nothing lost."""
     workshop = make_workshop(tmpfs / "mlflow-workshop")
     assert run_demo(workshop, "--n-estimators", "10").returncode == 0
     before = statuses(workshop)
-    ballast = fill(tmpfs, kilobytes * 1024)
-    result = run_demo(workshop, "--n-estimators", "10")
-    assert result.returncode == 1
-    assert own_lines(result.stderr) == ["Stopped: the disk is full. Free some space, then run again."], result.stderr
     assert "`Stopped: the disk is full. Free some space, then run again.`" in TROUBLESHOOTING
-    # No half-written model looks READY: the model is FAILED, or PENDING where
-    # mlflow.db itself was full.
-    assert list(model_statuses(workshop).values()).count("READY") == 1
-    ballast.unlink()
+    for kilobytes in [100, 150, 250]:
+        ballast = fill(tmpfs, kilobytes * 1024)
+        result = run_demo(workshop, "--n-estimators", "10")
+        assert result.returncode == 1, (kilobytes, result.stdout + result.stderr)
+        assert own_lines(result.stderr) == ["Stopped: the disk is full. Free some space, then run again."], \
+            (kilobytes, result.stderr)
+        # No half-written model looks READY: the model is FAILED, or PENDING where
+        # mlflow.db itself was full.
+        assert list(model_statuses(workshop).values()).count("READY") == 1, kilobytes
+        ballast.unlink()
     after = next_run_works(workshop, statuses(workshop))
     assert {run_id: after[run_id] for run_id in before} == before
 

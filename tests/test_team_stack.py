@@ -396,11 +396,11 @@ def test_the_stack_s_secrets_are_files_only_the_admin_can_read(stack, pair):
 
 @pytest.mark.slow
 def test_seaweedfs_stops_on_ctrl_c_and_not_on_kill(tmp_path):
-    """`kill`'s default signal (SIGTERM) stops SeaweedFS's filer but not the
-    process, which then can no longer store a file. That SeaweedFS may not
-    stop on a later Ctrl+C either (CI saw it run on for 3 minutes), so the test
-    ends it with SIGKILL; the stack's own fixtures check that Ctrl+C stops a
-    SeaweedFS that was never sent SIGTERM."""
+    """`kill`'s default signal (SIGTERM) stops SeaweedFS's filer at once: no
+    file can be stored any more. The process may run on without it (or exit:
+    both were seen), and may not stop on a later Ctrl+C either (CI saw it run
+    on for 3 minutes), so the test ends it with SIGKILL; the stack's own
+    fixtures check that Ctrl+C stops a SeaweedFS that was never sent SIGTERM."""
     import boto3
 
     needs_the_stack()
@@ -426,7 +426,6 @@ def test_seaweedfs_stops_on_ctrl_c_and_not_on_kill(tmp_path):
                     break
                 assert time.monotonic() < deadline, "SeaweedFS still stores files after SIGTERM"
                 time.sleep(0.5)
-            assert weed.is_running() and weed.status() != psutil.STATUS_ZOMBIE
 
 
 # %% Participants on the stack
