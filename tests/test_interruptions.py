@@ -41,12 +41,10 @@ def model_statuses(workshop):
         return {model_id: names[status] for model_id, status in db.execute("SELECT model_id, status FROM logged_models")}
 
 
-def stopped_demo(workshop, stop, *flags, env=None, meet=None):
+def stopped_demo(workshop, stop, *flags, env=None):
     """Run demo.py in a process group of its own (as a terminal runs a command)
     with the stop hook set to `stop`; return (exit code, stdout, stderr)."""
     env = dict(env or learner_env(), PYTHONPATH=str(STOP_HOOK), DEMO_STOP=stop)
-    if meet:
-        env["DEMO_MEET"] = meet
     result = subprocess.run([sys.executable, str(Path(workshop) / "demo.py"), *flags], cwd=Path(workshop).parent,
                             env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     return result.returncode, result.stdout, result.stderr
@@ -151,25 +149,6 @@ def test_stopped_while_the_first_run_builds_the_database(tmp_path):
             assert own_lines(err) == ["Interrupted: no run had started."], (at, err)
         assert not (workshop / "mlflow.db").exists(), (signal_name, at)
     next_run_works(workshop, {})
-
-
-def test_first_runs_at_once_in_a_fresh_folder(tmp_path):
-    """Three first runs, each building its tables at the same time (the stop
-    hook holds each builder until all three have begun): one mlflow.db, which
-    none replaces, and all three runs in it."""
-    workshop = make_workshop(tmp_path / "mlflow-workshop")
-    meeting = tmp_path / "meeting"
-    meeting.mkdir()
-    env = dict(learner_env(), PYTHONPATH=str(STOP_HOOK), DEMO_MEET=f"{meeting}:3")
-    processes = [subprocess.Popen([sys.executable, str(workshop / "demo.py"), "--seed", str(seed)], cwd=tmp_path,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for seed in (1, 2, 3)]
-    outcomes = [(process.communicate(timeout=600), process.returncode) for process in processes]
-    assert len(os.listdir(meeting)) == 3  # the three builders did meet
-    for (out, err), code in outcomes:
-        assert code == 0, out + err
-    assert list(statuses(workshop).values()) == ["FINISHED"] * 3
-    assert sorted(path.name for path in workshop.iterdir() if path.name.startswith("mlflow.db")) == ["mlflow.db"]
 
 
 # %% kill -9 mid-run

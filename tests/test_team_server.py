@@ -731,23 +731,27 @@ def test_two_participants_record_the_same_data_at_one_instant(room, tmp_path, mo
 
 @pytest.mark.slow
 def test_participants_at_once_on_a_new_local_store(tmp_path):
-    """4 runs of demo.py at once in one fresh folder: the first-time creation of
-    mlflow.db and of the experiment happens under a race, and so does the
-    logging of the same data by two of them; all 4 runs land.
-    The README's registry snippet then names the best default-split run."""
+    """4 runs of demo.py at once in one fresh folder: each builds mlflow.db's
+    tables at the same time (the stop hook holds each builder at its first
+    statement until all 4 have begun), then creates the experiment, and two
+    log the same data at one instant. One mlflow.db, which none replaced, and
+    all 4 runs land in it. The README's registry snippet then names the best
+    default-split run."""
     from mlflow import MlflowClient
 
     workshop = make_workshop(tmp_path / "mlflow-workshop")
     flags = [participant_flags(index) for index in range(LOCAL_PARTICIPANTS)]
-    # The runs with the same split log the same data: the stop hook holds each run
-    # at its 10th statement in log_input, the insert of the training data, until
-    # all have come, so that each has looked for that data and found none.
+    # The runs with the same split log the same data: the stop hook also holds each
+    # run at its 10th statement in log_input, the insert of the training data,
+    # until all have come, so that each has looked for that data and found none.
     meeting = tmp_path / "meeting"
     meeting.mkdir()
-    env = learner_env(PYTHONPATH=str(STOP_HOOK), DEMO_STOP="MEET:log_input:10",
+    env = learner_env(PYTHONPATH=str(STOP_HOOK), DEMO_STOP="MEET:build:1,MEET:log_input:10",
                       DEMO_MEET=f"{meeting}:{LOCAL_PARTICIPANTS}")
     outcomes, seconds = wave([workshop] * LOCAL_PARTICIPANTS, [env] * LOCAL_PARTICIPANTS, flags)
-    assert len(os.listdir(meeting)) == LOCAL_PARTICIPANTS
+    # All four builders, and all four runs in log_input, did meet.
+    assert len(os.listdir(meeting / "build")) == len(os.listdir(meeting / "log_input")) == LOCAL_PARTICIPANTS
+    assert sorted(path.name for path in workshop.iterdir() if path.name.startswith("mlflow.db")) == ["mlflow.db"]
     client = MlflowClient(tracking_uri=f"sqlite:///{workshop / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)

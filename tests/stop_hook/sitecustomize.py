@@ -13,8 +13,10 @@ SIGINT goes to the whole process group, as a terminal's Ctrl+C does (the test
 starts demo.py in a group of its own); SIGKILL too (the builder dies as well);
 any other signal to demo.py alone. With DEMO_MEET=FOLDER:N, the SIGNAL MEET
 makes each process wait at that statement until N processes have arrived
-there: runs that do the same thing at one instant. DEMO_MEET alone means
-MEET:build:1, builders meeting at their first statement (first runs at once).
+there (each leaves a file in FOLDER/FUNCTION): runs that do the same thing
+at one instant. DEMO_MEET alone means MEET:build:1, builders meeting at their
+first statement (first runs at once). DEMO_STOP may name two stops, comma
+separated: the builder acts on the build one, demo.py on the other.
 DEMO_COUNT=FILE writes how many statements were seen after FUNCTION began.
 """
 
@@ -24,13 +26,14 @@ import sys
 import time
 
 meet = os.environ.get("DEMO_MEET")
-stop = os.environ.get("DEMO_STOP") or ("MEET:build:1" if meet else None)
+stops = (os.environ.get("DEMO_STOP") or ("MEET:build:1" if meet else "")).split(",")
 building = sys.argv[:1] == ["-c"]  # demo.py builds mlflow.db with `python -c ...`
+stop = next((each for each in stops if each and (each.split(":")[1] == "build") == building), None)
 if stop:
     import sqlalchemy
 
     signal_name, function, at = stop.split(":")
-    seen = {"armed": building and function == "build", "count": 0}
+    seen = {"armed": building, "count": 0}
 
     @sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "before_cursor_execute")
     def before_statement(*args):
@@ -39,6 +42,8 @@ if stop:
         seen["count"] += 1
         if seen["count"] == int(at) and signal_name == "MEET":
             folder, many = meet.rsplit(":", 1)
+            folder = os.path.join(folder, function)
+            os.makedirs(folder, exist_ok=True)
             open(os.path.join(folder, str(os.getpid())), "w").close()
             deadline = time.monotonic() + 120
             while len(os.listdir(folder)) < int(many) and time.monotonic() < deadline:
@@ -50,7 +55,7 @@ if stop:
             else:
                 os.kill(os.getpid(), number)
 
-    if not building and function != "build":
+    if not building:
         import atexit
         import importlib
 
