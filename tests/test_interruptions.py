@@ -274,7 +274,8 @@ def mlflow_2(tmp_path_factory):
     python = str(venv / "bin" / "python")
     # uv, which the README's test command installs, takes seconds where pip takes a minute.
     uv = shutil.which("uv", path=str(Path(sys.executable).parent))
-    installer = [uv, "pip", "install", "--compile-bytecode", "--python", python] if uv else [python, "-m", "pip", "install"]
+    installer = ([uv, "pip", "install", "--compile-bytecode", "--python", python] if uv
+                 else [python, "-m", "pip", "install"])
     installed = subprocess.run([*installer, "--quiet", "mlflow-skinny==2.22.*", "sqlalchemy<2.1", "alembic"],
                                capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stdout + installed.stderr

@@ -395,7 +395,7 @@ def test_the_stack_s_secrets_are_files_only_the_admin_can_read(stack, pair):
 
 
 @pytest.mark.slow
-def test_seaweedfs_stops_on_ctrl_c_and_not_on_kill(tmp_path):
+def test_kill_s_sigterm_leaves_seaweedfs_unable_to_store(tmp_path):
     """`kill`'s default signal (SIGTERM) stops SeaweedFS's filer at once: no
     file can be stored any more. The process may run on without it (or exit:
     both were seen), and may not stop on a later Ctrl+C either (CI saw it run
