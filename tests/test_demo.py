@@ -202,11 +202,11 @@ def test_prints_steps_metrics_and_next_commands(demo_workshop):
 # %% Re-running: same flags, same metrics
 
 
-def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop):
+def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop, built_database):
     """Another run with the default flags, in another folder and this time
     started from inside it, as the README says: the same metrics as the
     session's run, to the last digit."""
-    workshop = make_workshop(tmp_path / "again")
+    workshop = make_workshop(tmp_path / "again", built_database)
     result = run_demo(workshop, cwd=workshop)
     assert result.returncode == 0, result.stderr
     (run,) = demo_runs(workshop)
@@ -215,10 +215,10 @@ def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop):
     assert run.data.metrics == session_run.data.metrics
 
 
-def test_readme_more_runs_each_add_a_run_with_their_flags(tmp_path):
+def test_readme_more_runs_each_add_a_run_with_their_flags(tmp_path, built_database):
     """Every line of the README's "more runs" block adds one run to the same
     experiment, and each run's params are the flags that line gave."""
-    workshop = make_workshop(tmp_path / "flags")
+    workshop = make_workshop(tmp_path / "flags", built_database)
     commands = readme_commands("more-runs")
     assert commands[0] == "python demo.py --n-estimators 10 --max-depth 2"
     for command in commands:
@@ -334,8 +334,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_exception_mid_run_ends_the_run_failed(tmp_path):
-    workshop = make_workshop(tmp_path / "failing")
+def test_exception_mid_run_ends_the_run_failed(tmp_path, built_database):
+    workshop = make_workshop(tmp_path / "failing", built_database)
     driver = tmp_path / "fail_mid_run.py"
     driver.write_text(FAILING_SAVEFIG)
     result = subprocess.run(
@@ -386,10 +386,10 @@ atexit.register(lambda: (PROJECT_DIR / "atexit.txt").write_text("the hook ran"))
 """
 
 
-def test_a_fork_s_atexit_hook_and_unclosed_file(tmp_path):
+def test_a_fork_s_atexit_hook_and_unclosed_file(tmp_path, built_database):
     """demo.py ends through Python's normal exit: a fork's atexit hook runs,
     and a file it never closed is flushed."""
-    workshop = make_workshop(tmp_path / "fork")
+    workshop = make_workshop(tmp_path / "fork", built_database)
     (workshop / "demo.py").write_text((workshop / "demo.py").read_text() + FORK_TAIL)
     result = run_demo(workshop, "--n-estimators", "10")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -518,8 +518,8 @@ MODEL_ASSIGNMENT = re.compile(r"^model = RandomForestClassifier\(\n(?:    .*\n)+
 
 
 @pytest.mark.parametrize("expression, imports, model_type", FORKS, ids=[fork[2] for fork in FORKS])
-def test_a_fork_changes_one_expression(tmp_path, expression, imports, model_type):
-    workshop = make_workshop(tmp_path / "fork")
+def test_a_fork_changes_one_expression(tmp_path, built_database, expression, imports, model_type):
+    workshop = make_workshop(tmp_path / "fork", built_database)
     source = (workshop / "demo.py").read_text()
     (assignment,) = MODEL_ASSIGNMENT.findall(source)  # the one place the model is built
     forked = source.replace(assignment, "\n".join([*imports, f"model = {expression}"]))
@@ -573,7 +573,7 @@ def test_a_fork_changes_one_expression(tmp_path, expression, imports, model_type
     assert 0.5 < run.data.metrics["roc_auc"] <= 1.0
 
 
-def test_readme_make_it_yours(tmp_path):
+def test_readme_make_it_yours(tmp_path, built_database):
     """The three changes to demo.py that the README and docs/make-it-yours.md
     make, where they say, in a git clone: the swapped model, a metric, a tag
     and a file, and what MLflow records by itself."""
@@ -599,6 +599,7 @@ def test_readme_make_it_yours(tmp_path):
     source = source.replace(before, readme_snippet("fork-metric") + "\n" + before)
     source = source.replace(after, after + readme_snippet("fork-tag-and-file"))
     (workshop / "demo.py").write_text(source)
+    shutil.copy(built_database, workshop / "mlflow.db")  # (the first run's build is not the point here)
     subprocess.run([*git, "commit", "-q", "-am", "my fork"], cwd=workshop, check=True, capture_output=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workshop, check=True, capture_output=True,
                           text=True).stdout.strip()

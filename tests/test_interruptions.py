@@ -77,13 +77,13 @@ STOPS = [("SIGINT", "get_experiment_by_name", 1), ("SIGINT", "start_run", 5), ("
          ("SIGINT", "sklearn.log_model", 85), ("SIGTERM", "end_run", 1), ("SIGINT", "end_run", 8)]
 
 
-def test_a_signal_at_any_database_call_of_a_run(tmp_path):
+def test_a_signal_at_any_database_call_of_a_run(tmp_path, built_database):
     """Ctrl+C (SIGINT to the process group), `kill` (SIGTERM) or a closed
     terminal (SIGHUP) as a chosen database call begins: exit by SIGINT (130 in
     a shell), one line that tells the truth about the run, the run FAILED where
     it had started, and the earlier runs untouched. Each stopped run starts
     from the store the one before it left, and a last run finishes."""
-    workshop = make_workshop(tmp_path / "mlflow-workshop")
+    workshop = make_workshop(tmp_path / "mlflow-workshop", built_database)
     assert run_demo(workshop, "--n-estimators", "10").returncode == 0
     for signal_name, function, at in STOPS:
         before, models_before = statuses(workshop), model_statuses(workshop)
@@ -154,10 +154,10 @@ def test_stopped_while_the_first_run_builds_the_database(tmp_path):
 # %% kill -9 mid-run
 
 
-def test_kill_9_mid_run_then_the_troubleshooting_command_marks_it(tmp_path):
+def test_kill_9_mid_run_then_the_troubleshooting_command_marks_it(tmp_path, built_database):
     """The dead run stays RUNNING (nothing could end it), the next run works,
     and the one command on the troubleshooting page marks the dead run KILLED."""
-    workshop = make_workshop(tmp_path / "mlflow-workshop")
+    workshop = make_workshop(tmp_path / "mlflow-workshop", built_database)
     assert run_demo(workshop, "--n-estimators", "10").returncode == 0
     before = statuses(workshop)
     code, _, _ = stopped_demo(workshop, "SIGKILL:log_figure:1", "--n-estimators", "10")
@@ -198,12 +198,12 @@ def fill(disk, leave_bytes):
     return ballast
 
 
-def test_a_full_disk_ends_in_one_line_and_the_next_run_works(tmpfs):
+def test_a_full_disk_ends_in_one_line_and_the_next_run_works(tmpfs, built_database):
     """Runs that start with too little room left: not enough for the plots; for
     the model's records in mlflow.db; for the model's files and the run's end.
     Each says so in one line, each starts from the store the one before left,
     and once there is room again the next run works, with nothing lost."""
-    workshop = make_workshop(tmpfs / "mlflow-workshop")
+    workshop = make_workshop(tmpfs / "mlflow-workshop", built_database)
     assert run_demo(workshop, "--n-estimators", "10").returncode == 0
     before = statuses(workshop)
     assert "`Stopped: the disk is full. Free some space, then run again.`" in TROUBLESHOOTING
@@ -250,10 +250,10 @@ def test_a_file_that_is_not_a_database(tmp_path):
     assert not (workshop / "mlruns").exists()
 
 
-def test_a_moved_folder_stops_before_logging(tmp_path):
+def test_a_moved_folder_stops_before_logging(tmp_path, built_database):
     """The folder renamed after a run: its mlflow.db still names the old folder.
     demo.py stops in one line, and never re-creates the old folder."""
-    workshop = make_workshop(tmp_path / "mlflow-workshop")
+    workshop = make_workshop(tmp_path / "mlflow-workshop", built_database)
     assert run_demo(workshop, "--n-estimators", "10").returncode == 0
     moved = tmp_path / "renamed-workshop"
     workshop.rename(moved)

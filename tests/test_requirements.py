@@ -18,7 +18,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import learner_env, make_workshop, printed_ids, run_demo
+from conftest import learner_env
 
 # What mlflow.pyfunc.load_model imports to read a skops-saved forest and
 # answer a prediction: MLflow itself, scikit-learn, skops (the file format),
@@ -27,12 +27,9 @@ LOADER_PACKAGES = ["mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    workshop = make_workshop(tmp_path_factory.mktemp("requirements") / "mlflow-workshop")
-    result = run_demo(workshop)
-    assert result.returncode == 0, result.stdout + result.stderr
-    _, model_id = printed_ids(result.stdout)
-    folder = workshop / "mlruns" / "demo-mlflow-artifacts" / "models" / model_id / "artifacts"
+def model_dir(demo_workshop):
+    """The files of the model that the README's run logged (the tests only read them)."""
+    folder = demo_workshop["path"] / "mlruns" / "demo-mlflow-artifacts" / "models" / demo_workshop["model_id"] / "artifacts"
     assert (folder / "MLmodel").is_file(), f"no model in {folder}"
     return folder
 
