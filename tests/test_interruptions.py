@@ -270,10 +270,11 @@ def test_a_moved_folder_stops_before_logging(tmp_path, built_database):
 def mlflow_2(tmp_path_factory):
     """A venv with MLflow 2.22 (the skinny package and its database driver)."""
     venv = tmp_path_factory.mktemp("mlflow-2.22")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    # uv, which the README's test command installs, takes seconds where pip takes a minute.
+    # uv, which the README's test command installs, takes seconds where pip takes a minute
+    # (and then the venv needs no pip of its own).
     uv = shutil.which("uv", path=str(Path(sys.executable).parent))
+    subprocess.run([sys.executable, "-m", "venv", *(["--without-pip"] if uv else []), str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
     installer = ([uv, "pip", "install", "--compile-bytecode", "--python", python] if uv
                  else [python, "-m", "pip", "install"])
     installed = subprocess.run([*installer, "--quiet", "mlflow-skinny==2.22.*", "sqlalchemy<2.1", "alembic"],
