@@ -8,6 +8,7 @@ come from README.md itself, through `readme_snippet`, so the guide cannot drift
 away from what is tested.
 """
 
+import ast
 import functools
 import os
 import re
@@ -105,7 +106,8 @@ def built_database(tmp_path_factory):
     tables (about 4 s of CPU each). The first run itself is proven where it
     is the point: the README's run, a copy alone, the builder stopped, the
     notebook, the room's local stores."""
-    build = re.search(r'^    build = "(.+)"$', (REPO / "demo.py").read_text(), re.MULTILINE).group(1)
+    build = next(ast.literal_eval(node.value) for node in ast.walk(ast.parse((REPO / "demo.py").read_text()))
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "build")
     database = tmp_path_factory.mktemp("built") / "mlflow.db"
     built = subprocess.run([sys.executable, "-c", build, f"sqlite:///{database.as_posix()}"],
                            env=learner_env(), capture_output=True, text=True, timeout=300)
