@@ -453,7 +453,8 @@ def test_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path):
     run_in_order = [docstring]
     for cell in cells:
         run_in_order += [cell, nbformat.v4.new_code_cell(probe)]
-    notebook.cells = run_in_order
+    # demo.py turns Python's garbage collector off only as a script: a notebook keeps it.
+    notebook.cells = run_in_order + [nbformat.v4.new_code_cell("import gc; print(gc.isenabled(), gc.get_freeze_count())")]
     nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workshop)}}
     ).execute()
@@ -475,6 +476,7 @@ def test_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path):
     pictures = [o for o in plot_cell.outputs if o["output_type"] == "display_data" and "image/png" in o["data"]]
     assert len(pictures) == 3
 
+    assert shown(notebook.cells[-1]).split() == ["True", "0"]
     outputs = "".join(shown(cell) for cell in notebook.cells)
     run_id, _ = printed_ids(outputs)
     (run,) = demo_runs(workshop)
