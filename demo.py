@@ -324,4 +324,4 @@ Next, in a terminal in {PROJECT_DIR}:
        curl -X POST -H "Content-Type: application/json" --data @{example} http://127.0.0.1:5001/invocations""")
 
 if not IN_NOTEBOOK:
-    gc.freeze()  # nor at exit: the script ends about a second sooner
+    gc.freeze()  # and Python skips that search at exit too: the script ends about a second sooner

@@ -85,6 +85,9 @@ def learner_env(**overrides):
     return env
 
 
+# A bound on one step of a page in Chromium, not a measure: a loaded 2-core machine is slow.
+PAGE_TIMEOUT_MS = 180_000
+
 def make_workshop(folder, database=None):
     """A fresh copy of the files a learner gets with `git clone`; with
     `database` (the `built_database` fixture), also the mlflow.db that

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    PAGE_TIMEOUT_MS,
     MODEL_FILES,
     PLOTS,
     README,
@@ -59,8 +60,6 @@ METRICS = ["accuracy", "roc_auc", "precision", "recall", "f1"]
 TAGS = ["model_type", "dataset", "owner", "mlflow.note.content"]
 DATASETS = {"breast_cancer_training": "training", "breast_cancer_testing": "testing"}
 LOAD_TIMEOUT = 600  # seconds for a whole wave of participants
-# A bound on one step of a page in Chromium, not a measure: a loaded 2-core machine is slow.
-PAGE_TIMEOUT_MS = 180_000
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -856,6 +855,7 @@ def check_ui_in_chromium(room, username, experiments, runs, tmp_path):
         )
         try:
             context.set_default_timeout(PAGE_TIMEOUT_MS)
+            sync_api.expect.set_options(timeout=PAGE_TIMEOUT_MS)
             context.on("response", lambda response: answers.append((response.request.method, response.url, response.status)))
             page = context.pages[0] if context.pages else context.new_page()
             page.on("pageerror", lambda error: page_errors.append(str(error)))
@@ -867,10 +867,9 @@ def check_ui_in_chromium(room, username, experiments, runs, tmp_path):
             except sync_api.TimeoutError as error:  # say what the page was answered, to tell a slow page from a refusal
                 raise AssertionError(f"{error}\nanswers of 400 or more: {[a for a in answers if a[2] >= 400]}") from None
             page.get_by_role("button", name="Compare").click()
-            shown = sync_api.expect(page.get_by_text(f"Displaying Runs from {len(experiments)} Experiments"))
-            shown.to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            sync_api.expect(page.get_by_text(f"{runs} matching runs")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            sync_api.expect(page.get_by_text("random_forest_breast_cancer")).to_have_count(runs, timeout=PAGE_TIMEOUT_MS)
+            sync_api.expect(page.get_by_text(f"Displaying Runs from {len(experiments)} Experiments")).to_be_visible()
+            sync_api.expect(page.get_by_text(f"{runs} matching runs")).to_be_visible()
+            sync_api.expect(page.get_by_text("random_forest_breast_cancer")).to_have_count(runs)
             sync_api.expect(page.get_by_text("Request error")).to_have_count(0)
             searches = [a for a in answers if a[0] == "POST" and a[1].endswith("/runs/search")]
             assert searches and all(status == 200 for _, _, status in searches), searches

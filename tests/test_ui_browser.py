@@ -25,8 +25,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import (README, REPO, flat, free_port, make_workshop, printed_ids, readme_commands, readme_snippet,
-                      run_demo, start_server, with_port)
+from conftest import (PAGE_TIMEOUT_MS, README, REPO, flat, free_port, make_workshop, printed_ids, readme_commands,
+                      readme_snippet, run_demo, start_server, with_port)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a machine with no network but loopback: no GPU, no background
@@ -36,7 +36,6 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 VIEWPORT = {"width": 1280, "height": 800}
-TIMEOUT_MS = 180_000  # a bound on one step of the page, not a measure: a loaded 2-core machine is slow
 SCREENSHOTS = REPO / "docs" / "images"
 EXPERIMENT = "demo-mlflow-artifacts"
 RUN_NAME = "random_forest_breast_cancer"
@@ -75,7 +74,7 @@ def local_path(uri):
 def test_readme_ui_walk(tmp_path, monkeypatch):
     sync_api = browser_or_skip()
     expect = sync_api.expect
-    expect.set_options(timeout=TIMEOUT_MS)
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
 
     # Two runs with different flags: the default one, then the README's first
     # "more runs" line. The second is the newest, on top of the run list.
@@ -111,7 +110,7 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
             headless=True, viewport=VIEWPORT,
         )
         try:
-            context.set_default_timeout(TIMEOUT_MS)
+            context.set_default_timeout(PAGE_TIMEOUT_MS)
             context.on("request", lambda request: requests.append(request.url))
             page = context.pages[0] if context.pages else context.new_page()
             page.on("pageerror", lambda error: page_errors.append(str(error)))
@@ -204,7 +203,7 @@ def test_readme_ui_walk(tmp_path, monkeypatch):
                 image = main.get_by_role("img", name=f"plots/{plot}", exact=True)
                 expect(image).to_be_visible()
                 page.wait_for_function("img => img.complete && img.naturalWidth > 0",
-                                       arg=image.element_handle(), timeout=TIMEOUT_MS)
+                                       arg=image.element_handle(), timeout=PAGE_TIMEOUT_MS)
                 with Image.open(run_artifacts / "plots" / plot) as logged:
                     assert image.evaluate("img => img.naturalWidth") == logged.width, plot
             save_screenshot(page, "03-run-artifacts.png")
