@@ -37,6 +37,12 @@ PAGES = {path.relative_to(REPO).as_posix(): path.read_text(encoding="utf-8")
          if path.exists()}
 WORKSHOP_FILES = ["demo.py", "requirements.txt", "requirements-lock.txt", "check_setup.py", "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
+# Every process the tests start uses one OpenMP thread. The suite runs three
+# workers on two cores, often beside other work: OpenMP's threads then spin while
+# they wait for one another, and a HistGradientBoosting fork that takes 6 s of
+# CPU alone took 50 to 230 s with a busy loop beside it. Its predictions are the
+# same to the last bit either way.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # What every run of demo.py logs as files: the run's artifacts and the logged
 # model's files (each list sorted, as MLflow lists them).
