@@ -93,6 +93,13 @@ def learner_env(**overrides):
 
 # A bound on one step of a page in Chromium, not a measure: a loaded 2-core machine is slow.
 PAGE_TIMEOUT_MS = 180_000
+# Debian's Chromium, driven by Playwright, with flags for a machine with no network
+# but loopback: no GPU, no background connections to Google's services.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 
 def make_workshop(folder, database=None):
     """A fresh copy of the files a learner gets with `git clone`; with

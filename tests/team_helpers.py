@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
     PAGE_TIMEOUT_MS,
     MODEL_FILES,
     PLOTS,
@@ -60,11 +62,6 @@ METRICS = ["accuracy", "roc_auc", "precision", "recall", "f1"]
 TAGS = ["model_type", "dataset", "owner", "mlflow.note.content"]
 DATASETS = {"breast_cancer_training": "training", "breast_cancer_testing": "testing"}
 LOAD_TIMEOUT = 600  # seconds for a whole wave of participants
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 
 
 def missing(what, hint):

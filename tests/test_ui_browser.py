@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -25,16 +24,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import (PAGE_TIMEOUT_MS, README, REPO, flat, free_port, make_workshop, printed_ids, readme_commands,
+from conftest import (CHROMIUM, CHROMIUM_FLAGS, PAGE_TIMEOUT_MS, README, REPO, flat, free_port, make_workshop, printed_ids, readme_commands,
                       readme_snippet, run_demo, start_server, with_port)
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Flags for a machine with no network but loopback: no GPU, no background
-# connections to Google's services, a fresh profile (the user data directory).
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 VIEWPORT = {"width": 1280, "height": 800}
 SCREENSHOTS = REPO / "docs" / "images"
 EXPERIMENT = "demo-mlflow-artifacts"
