@@ -39,8 +39,8 @@ WORKSHOP_FILES = ["demo.py", "requirements.txt", "requirements-lock.txt", "check
 VENV_BIN = str(Path(sys.executable).parent)
 # Every process the tests start uses one OpenMP thread. The suite runs three
 # workers on two cores, often beside other work: OpenMP's threads then spin while
-# they wait for one another, and a HistGradientBoosting fork that takes 6 s of
-# CPU alone took 50 to 230 s with a busy loop beside it. Its predictions are the
+# they wait for one another, and a HistGradientBoosting fork that takes 6.5 s of
+# CPU with one thread took 51 to 235 s beside a busy loop. Its predictions are the
 # same to the last bit either way.
 os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -100,6 +100,7 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
+
 
 def make_workshop(folder, database=None):
     """A fresh copy of the files a learner gets with `git clone`; with

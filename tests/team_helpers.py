@@ -36,8 +36,8 @@ import pytest
 from conftest import (
     CHROMIUM,
     CHROMIUM_FLAGS,
-    PAGE_TIMEOUT_MS,
     MODEL_FILES,
+    PAGE_TIMEOUT_MS,
     PLOTS,
     README,
     REPORT,
