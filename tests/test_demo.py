@@ -205,7 +205,9 @@ def test_prints_steps_metrics_and_next_commands(demo_workshop):
 def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop, built_database):
     """Another run with the default flags, in another folder and this time
     started from inside it, as the README says: the same metrics as the
-    session's run, to the last digit."""
+    session's run, to the last digit, and a model (under a new id) that
+    answers every tumour as the first one does, which the README's serving
+    section promises a learner whose first run scrolled away."""
     workshop = make_workshop(tmp_path / "again", built_database)
     result = run_demo(workshop, cwd=workshop)
     assert result.returncode == 0, result.stderr
@@ -213,6 +215,13 @@ def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop, 
     (session_run,) = demo_runs(demo_workshop["path"])
     assert run.info.run_id != session_run.info.run_id
     assert run.data.metrics == session_run.data.metrics
+    _, model_id = printed_ids(result.stdout)
+    assert model_id != demo_workshop["model_id"]
+    X = load_breast_cancer(as_frame=True).data
+    probabilities = [mlflow.sklearn.load_model(str(folder / "mlruns" / EXPERIMENT / "models" / model / "artifacts"))
+                     .predict_proba(X) for folder, model in [(workshop, model_id),
+                                                             (demo_workshop["path"], demo_workshop["model_id"])]]
+    assert (probabilities[0] == probabilities[1]).all()
 
 
 def test_readme_more_runs_each_add_a_run_with_their_flags(tmp_path, built_database):
@@ -278,6 +287,19 @@ def test_bad_flag_exits_2_and_logs_nothing(demo_workshop, flags, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+    assert store_fingerprint(workshop) == before
+
+
+def test_the_readme_s_bad_flag_gets_the_line_it_shows(demo_workshop):
+    """The README's example of a refused value, run as it is written: the
+    line it shows is the last one demo.py prints, and nothing is logged."""
+    command, line = re.search(r"`(python demo\.py --[^`]+)`[^`]*`(demo\.py: error: [^`]+)`",
+                              flat(README)).groups()
+    workshop = demo_workshop["path"]
+    before = store_fingerprint(workshop)
+    result = run_demo(workshop, *command.split()[2:])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == line, result.stderr
     assert store_fingerprint(workshop) == before
 
 

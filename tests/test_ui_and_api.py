@@ -52,6 +52,18 @@ def test_ui_serves_the_page(ui):
     assert status == 200 and "<html" in page.lower()
 
 
+def test_the_ui_prints_the_line_the_readme_waits_for(ui, demo_workshop):
+    """The README says to open the page once `mlflow ui` prints its "Uvicorn
+    running on" line, and calls the one warning before it harmless: the line is
+    there with the UI's port, and that warning is the only one."""
+    readme = flat(README)
+    ready = re.search(r"Once it prints `(Uvicorn running on http://127\.0\.0\.1:)5000`", readme).group(1)
+    (named,) = re.findall(r"harmless `(\w+Warning)`", readme)
+    log = (demo_workshop["path"] / "ui.log").read_text()
+    assert set(re.findall(r"\b(\w+Warning):", log)) == {named}, log
+    assert log.index(named) < log.index(ready + ui.rsplit(":", 1)[1]), log
+
+
 def test_rest_api_shows_experiment_run_and_artifacts(ui, demo_workshop):
     experiment = api(ui, "GET", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=demo-mlflow-artifacts")
     experiment_id = experiment["experiment"]["experiment_id"]
