@@ -281,7 +281,18 @@ SLOW_TESTS = {"test_a_fork_changes_one_expression", "test_room_kit_sets_up_a_lap
               "test_second_run_with_same_flags_gives_same_metrics"}
 
 
+# The order in which the workers take the modules: those that use the most CPU
+# first (as measured on a loaded 2-core machine), the short ones last, so that
+# no worker is left alone with a long module at the end while the others idle
+# (pytest.ini turns off pytest-xdist's own order, by number of tests).
+MODULE_ORDER = ["test_interruptions.py", "test_team_server.py", "test_team_stack.py", "test_demo.py",
+                "test_setup.py", "test_ui_and_api.py", "test_ui_browser.py", "test_tracking_server.py",
+                "test_requirements.py", "test_serving.py"]
+
+
 def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: MODULE_ORDER.index(item.path.name) if item.path.name in MODULE_ORDER
+               else len(MODULE_ORDER))  # a stable sort: each module's tests keep their order
     for item in items:
         for mark in MODULE_MARKS.get(item.path.name, []):
             item.add_marker(mark)

@@ -46,7 +46,7 @@ def curl(arguments, server):
 def test_the_server_prints_the_line_the_readme_waits_for(server):
     """The README says to send the request once the server prints its
     "Uvicorn running on" line: it does, with the port it was given."""
-    ready = re.search(r"When it prints `(Uvicorn running on http://127\.0\.0\.1:)5001`", flat(README)).group(1)
+    ready = re.search(r"`(Uvicorn running on http://127\.0\.0\.1:)5001`", flat(README)).group(1)
     port = server["url"].split(":")[-1].split("/")[0]
     assert ready + port in (server["workshop"] / "serve.log").read_text()
 

@@ -59,7 +59,7 @@ def test_the_ui_prints_the_line_the_readme_waits_for(ui, demo_workshop):
     running on" line, and calls the warning before it harmless: the line is
     there with the UI's port, and that warning is the only one."""
     readme = flat(README)
-    ready = re.search(r"Once it prints `(Uvicorn running on http://127\.0\.0\.1:)5000`", readme).group(1)
+    ready = re.search(r"`(Uvicorn running on http://127\.0\.0\.1:)5000`", readme).group(1)
     (named,) = re.findall(r"`(\w+Warning)`", readme)
     log = (demo_workshop["path"] / "ui.log").read_text()
     assert set(re.findall(r"\b(\w+Warning):", log)) == {named}, log
