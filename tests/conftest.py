@@ -46,6 +46,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 # What every run of demo.py logs as files: the run's artifacts and the logged
 # model's files (each list sorted, as MLflow lists them).
+EXPERIMENT = "demo-mlflow-artifacts"  # demo.py's experiment on a laptop
 PLOTS = ["plots/confusion_matrix.png", "plots/permutation_importance.png", "plots/roc_curve.png"]
 REPORT = "classification_report.txt"
 MODEL_FILES = [
@@ -171,6 +172,11 @@ def expected_params(flags=()):
     )
     params = {name: str(value) for name, value in forest.get_params().items()}
     return {**params, "test_size": str(float(values["--test-size"])), "seed": values["--seed"]}
+
+
+def model_folder(workshop, model_id):
+    """Where a local run of demo.py keeps the files of the model it logged."""
+    return Path(workshop) / "mlruns" / EXPERIMENT / "models" / model_id / "artifacts"
 
 
 def printed_ids(stdout):

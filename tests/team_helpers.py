@@ -36,6 +36,7 @@ import pytest
 from conftest import (
     CHROMIUM,
     CHROMIUM_FLAGS,
+    EXPERIMENT,
     MODEL_FILES,
     PAGE_TIMEOUT_MS,
     PLOTS,
@@ -54,7 +55,6 @@ from conftest import (
 
 GUIDE_ROOM = "192.168.1.20"  # the room's address in the guides
 ROOM_HOST = "127.0.0.2"  # the room's address in the tests
-EXPERIMENT = "demo-mlflow-artifacts"  # demo.py's experiment on a laptop
 PREFIX = EXPERIMENT + "-"  # on a server: demo-mlflow-artifacts-<account>
 MODEL = "breast-cancer-classifier"
 CHAMPIONS = "room-champions"

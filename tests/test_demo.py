@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.model_selection import train_test_split
 
 from conftest import (
+    EXPERIMENT,
     MODEL_FILES,
     PAGES,
     README,
@@ -28,14 +29,12 @@ from conftest import (
     flat,
     learner_env,
     make_workshop,
+    model_folder,
     printed_ids,
     readme_commands,
     readme_snippet,
     run_demo,
 )
-
-EXPERIMENT = "demo-mlflow-artifacts"
-
 
 def client_for(workshop):
     return MlflowClient(tracking_uri=f"sqlite:///{Path(workshop) / 'mlflow.db'}")
@@ -141,7 +140,7 @@ def test_model_is_logged_with_its_files(demo_workshop):
     model = client.get_logged_model(demo_workshop["model_id"])
     assert model.name == "model"
     assert model.source_run_id == demo_workshop["run_id"]
-    model_dir = demo_workshop["path"] / "mlruns" / "demo-mlflow-artifacts" / "models" / model.model_id / "artifacts"
+    model_dir = model_folder(demo_workshop["path"], model.model_id)
     for name in MODEL_FILES:
         assert (model_dir / name).is_file(), name
     mlmodel = (model_dir / "MLmodel").read_text()
@@ -218,7 +217,7 @@ def test_second_run_with_same_flags_gives_same_metrics(tmp_path, demo_workshop, 
     _, model_id = printed_ids(result.stdout)
     assert model_id != demo_workshop["model_id"]
     X = load_breast_cancer(as_frame=True).data
-    probabilities = [mlflow.sklearn.load_model(str(folder / "mlruns" / EXPERIMENT / "models" / model / "artifacts"))
+    probabilities = [mlflow.sklearn.load_model(str(model_folder(folder, model)))
                      .predict_proba(X) for folder, model in [(workshop, model_id),
                                                              (demo_workshop["path"], demo_workshop["model_id"])]]
     assert (probabilities[0] == probabilities[1]).all()
@@ -584,7 +583,7 @@ def test_a_fork_changes_one_expression(tmp_path, built_database, expression, imp
         assert Path(client.download_artifacts(run_id, plot)).read_bytes().startswith(b"\x89PNG")
 
     # What loading the model needs is in its requirements, pinned: lightgbm for LightGBM.
-    requirements = (workshop / "mlruns" / EXPERIMENT / "models" / model_id / "artifacts" / "requirements.txt")
+    requirements = model_folder(workshop, model_id) / "requirements.txt"
     needed = {"mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas"} | ({"lightgbm"} if "LGBM" in model_type else set())
     assert {line.split("==")[0] for line in requirements.read_text().split()} == needed
     mlflow.set_tracking_uri(f"sqlite:///{workshop / 'mlflow.db'}")
@@ -655,7 +654,7 @@ def test_readme_make_it_yours(tmp_path, built_database):
     assert tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.git.commit"] == head
     _, model_id = printed_ids(result.stdout)
-    mlmodel = (workshop / "mlruns" / EXPERIMENT / "models" / model_id / "artifacts" / "MLmodel").read_text()
+    mlmodel = (model_folder(workshop, model_id) / "MLmodel").read_text()
     for line in (f"mlflow_version: {mlflow.__version__}", f"sklearn_version: {sklearn.__version__}",
                  f"python_version: {platform.python_version()}"):
         assert line in mlmodel, line

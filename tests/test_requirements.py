@@ -18,7 +18,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import learner_env
+from conftest import learner_env, model_folder
 
 # What mlflow.pyfunc.load_model imports to read a skops-saved forest and
 # answer a prediction: MLflow itself, scikit-learn, skops (the file format),
@@ -29,7 +29,7 @@ LOADER_PACKAGES = ["mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas"
 @pytest.fixture(scope="module")
 def model_dir(demo_workshop):
     """The files of the model that the README's run logged (the tests only read them)."""
-    folder = demo_workshop["path"] / "mlruns" / "demo-mlflow-artifacts" / "models" / demo_workshop["model_id"] / "artifacts"
+    folder = model_folder(demo_workshop["path"], demo_workshop["model_id"])
     assert (folder / "MLmodel").is_file(), f"no model in {folder}"
     return folder
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import PAGES, README, flat, free_port, http, readme_commands, readme_snippet, start_server, with_port
+from conftest import PAGES, README, flat, free_port, http, model_folder, readme_commands, readme_snippet, start_server, with_port
 
 SERVING = PAGES["docs/serving.md"]
 
@@ -21,7 +21,7 @@ def server(demo_workshop):
     port = re.search(r"--port (\d+)", command).group(1)
     base = f"http://127.0.0.1:{port}"
     with start_server(command, demo_workshop["path"], f"{base}/ping", log_name="serve.log"):
-        yield {"url": f"{base}/invocations", "workshop": demo_workshop["path"],
+        yield {"url": f"{base}/invocations", "port": port, "workshop": demo_workshop["path"],
                "model_id": demo_workshop["model_id"]}
 
 
@@ -47,15 +47,13 @@ def test_the_server_prints_the_line_the_readme_waits_for(server):
     """The README says to send the request once the server prints its
     "Uvicorn running on" line: it does, with the port it was given."""
     ready = re.search(r"`(Uvicorn running on http://127\.0\.0\.1:)5001`", flat(README)).group(1)
-    port = server["url"].split(":")[-1].split("/")[0]
-    assert ready + port in (server["workshop"] / "serve.log").read_text()
+    assert ready + server["port"] in (server["workshop"] / "serve.log").read_text()
 
 
 def test_logged_serving_example_gets_predictions(server):
     status, body = curl(readme_curl("curl-example", server), server)
     assert status == 200, body
-    example = json.loads((server["workshop"] / "mlruns" / "demo-mlflow-artifacts" / "models"
-                          / server["model_id"] / "artifacts" / "serving_input_example.json").read_text())
+    example = json.loads((model_folder(server["workshop"], server["model_id"]) / "serving_input_example.json").read_text())
     predictions = json.loads(body)["predictions"]
     assert len(predictions) == len(example["dataframe_split"]["data"]) == 3
     assert set(predictions) <= {0, 1}

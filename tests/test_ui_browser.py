@@ -24,12 +24,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import (CHROMIUM, CHROMIUM_FLAGS, PAGE_TIMEOUT_MS, README, REPO, flat, free_port, make_workshop,
+from conftest import (CHROMIUM, CHROMIUM_FLAGS, EXPERIMENT, PAGE_TIMEOUT_MS, README, REPO, flat, free_port, make_workshop,
                       printed_ids, readme_commands, readme_snippet, run_demo, start_server, with_port)
 
 VIEWPORT = {"width": 1280, "height": 800}
 SCREENSHOTS = REPO / "docs" / "images"
-EXPERIMENT = "demo-mlflow-artifacts"
 RUN_NAME = "random_forest_breast_cancer"
 
 
