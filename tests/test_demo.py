@@ -161,6 +161,19 @@ def test_model_loads_from_runs_uri_and_predicts(demo_workshop):
     assert accuracy_score(y_test, model.predict(X_test)) == run.data.metrics["accuracy"]
 
 
+
+def test_the_readme_s_load_model_line_works_in_the_repository_folder(demo_workshop):
+    """The README's `mlflow.sklearn.load_model("models:/<model_id>")`, in a
+    Python started in the repository folder with no tracking URI set: MLflow's
+    default store is that folder's mlflow.db, and the forest comes back."""
+    (line,) = re.findall(r'`(mlflow\.sklearn\.load_model\("models:/<model_id>"\))`', flat(README))
+    code = f"import mlflow; print(mlflow.get_tracking_uri()); print(type({line}).__name__)"
+    workshop = demo_workshop["path"]
+    result = subprocess.run([sys.executable, "-c", code.replace("<model_id>", demo_workshop["model_id"])],
+                            cwd=workshop, env=learner_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"sqlite:///{workshop / 'mlflow.db'}", "RandomForestClassifier"]
+
 def logged_test_set(run, context="testing"):
     """The test (or training) set of a run, split again from its logged params,
     and checked against the fingerprint of the dataset it logged."""

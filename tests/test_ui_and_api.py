@@ -137,6 +137,8 @@ def test_readme_rest_snippets_find_the_runs_by_the_experiment_name(tmp_path):
 
 
 def test_readme_python_snippet_lists_the_run(demo_workshop):
+    """best_runs.py reads mlflow.db itself, as the README says: no UI needed."""
+    assert 'mlflow.set_tracking_uri("sqlite:///mlflow.db")' in readme_snippet("python-api")
     result = subprocess.run(
         [sys.executable, "-c", readme_snippet("python-api")],
         cwd=demo_workshop["path"], env=learner_env(), capture_output=True, text=True, timeout=120,
