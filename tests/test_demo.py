@@ -161,7 +161,6 @@ def test_model_loads_from_runs_uri_and_predicts(demo_workshop):
     assert accuracy_score(y_test, model.predict(X_test)) == run.data.metrics["accuracy"]
 
 
-
 def test_the_readme_s_load_model_line_works_in_the_repository_folder(demo_workshop):
     """The README's `mlflow.sklearn.load_model("models:/<model_id>")`, in a
     Python started in the repository folder with no tracking URI set: MLflow's
@@ -173,6 +172,7 @@ def test_the_readme_s_load_model_line_works_in_the_repository_folder(demo_worksh
                             cwd=workshop, env=learner_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [f"sqlite:///{workshop / 'mlflow.db'}", "RandomForestClassifier"]
+
 
 def logged_test_set(run, context="testing"):
     """The test (or training) set of a run, split again from its logged params,
