@@ -617,6 +617,8 @@ def test_readme_make_it_yours(tmp_path, built_database):
 
     # The learner's clone, and the README's way to fork it beside the original.
     original = make_workshop(tmp_path / "mlflow-workshop")
+    shutil.copy(REPO / ".gitignore", original)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", original / ".venv"], check=True)
     git = ["git", "-c", "user.name=Learner", "-c", "user.email=learner@example.com"]
     for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "the workshop"]):
         subprocess.run([*git, *command], cwd=original, check=True, capture_output=True)
@@ -624,6 +626,13 @@ def test_readme_make_it_yours(tmp_path, built_database):
     assert cd == "cd ../my-fork"
     subprocess.run(clone, shell=True, cwd=original, check=True, capture_output=True)
     workshop = tmp_path / "my-fork"
+    # The fork has no venv of its own: in a new terminal, the page's command activates the first folder's.
+    assert not (workshop / ".venv").exists()
+    activate = re.search(r"`(source <first folder>/\.venv/bin/activate)`", page).group(1)
+    in_a_new_terminal = f"{activate.replace('<first folder>', '../mlflow-workshop')} && command -v python"
+    python = subprocess.run(["bash", "-c", in_a_new_terminal], cwd=workshop, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert Path(python) == original / ".venv" / "bin" / "python"
 
     source = (workshop / "demo.py").read_text()
     (assignment,) = MODEL_ASSIGNMENT.findall(source)
